@@ -1,0 +1,220 @@
+"""The application: configuration, the task registry, and sending tasks."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime, tzinfo
+from typing import Any, Concatenate, Literal, ParamSpec, TypeVar, overload
+from zoneinfo import ZoneInfo
+
+from . import states
+from .backends import Backend, backend_from_url
+from .brokers import Broker, broker_from_url
+from .conf import Settings, settings_from_object
+from .protocol import build_task_message, new_id, origin_name
+from .result import AsyncResult
+from .task import Task, current_request, eta_from, expires_from
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+#: Where the embedded broker lives when nothing else is configured.
+DEFAULT_BROKER_URL = "sqlite:///celeriac.db"
+
+_current_app: Celeriac | None = None
+
+
+def current_app() -> Celeriac:
+    """The most recently created app (what ``AsyncResult(id)`` uses when given no app)."""
+    if _current_app is None:
+        raise RuntimeError("no celeriac app has been created in this process")
+    return _current_app
+
+
+class Celeriac:
+    """A celeriac application; ``celeriac.Celery`` is the same class under Celery's name.
+
+    ``Celery('proj', broker=..., backend=..., include=[...], **settings)``.  With no
+    broker configured anywhere, the embedded SQLite broker is used (file
+    ``celeriac.db`` in the current directory); with no result backend, results go
+    to the broker's own store when it has one (see :meth:`default_backend_url`).
+    """
+
+    def __init__(self, main: str | None = None, broker: str | None = None,
+                 backend: str | None = None, include: list[str] | tuple[str, ...] | None = None,
+                 **settings: Any) -> None:
+        global _current_app
+        self.main = main
+        self.conf = Settings(settings)
+        if broker:
+            self.conf.broker_url = broker
+        if backend:
+            self.conf.result_backend = backend
+        if include:
+            self.conf.include = tuple(include)
+        self.tasks: dict[str, Task[Any, Any]] = {}
+        self._lock = threading.Lock()
+        self._broker: Broker | None = None
+        self._backend: Backend | None = None
+        self._pid = os.getpid()
+        _current_app = self
+
+    def __repr__(self) -> str:
+        return f"<Celeriac {self.main or '__main__'}>"
+
+    # ------------------------------------------------------------------ configuration
+
+    def config_from_object(self, obj: Any, namespace: str | None = None) -> None:
+        self.conf.update(settings_from_object(obj, namespace))
+        self._reset_connections()
+
+    @property
+    def broker_url(self) -> str:
+        return str(os.environ.get("CELERY_BROKER_URL") or self.conf.broker_url
+                   or DEFAULT_BROKER_URL)
+
+    def default_backend_url(self) -> str | None:
+        """The result backend used when none is configured: the broker's own store.
+
+        ``sqlite://`` broker -> the same SQLite file; ``memory://`` -> ``memory://``.
+        """
+        url = self.broker_url
+        if url.startswith("sqlite://"):
+            return url
+        if url.startswith("memory://"):
+            return "memory://"
+        return None
+
+    @property
+    def result_backend_url(self) -> str | None:
+        return (os.environ.get("CELERY_RESULT_BACKEND") or self.conf.result_backend
+                or self.default_backend_url())
+
+    def _reset_connections(self) -> None:
+        self._broker = None
+        self._backend = None
+
+    @property
+    def broker(self) -> Broker:
+        if self._broker is None:
+            with self._lock:
+                if self._broker is None:
+                    self._broker = broker_from_url(self.broker_url,
+                                                   dict(self.conf.broker_transport_options))
+        return self._broker
+
+    @property
+    def backend(self) -> Backend:
+        if self._backend is None:
+            with self._lock:
+                if self._backend is None:
+                    url = self.result_backend_url
+                    if url is None:
+                        from .exceptions import ImproperlyConfigured
+
+                        raise ImproperlyConfigured(
+                            f"no result backend is configured and broker {self.broker_url!r} "
+                            "has no store of its own: set result_backend"
+                        )
+                    self._backend = backend_from_url(self, url)
+        return self._backend
+
+    @property
+    def timezone(self) -> tzinfo:
+        name = self.conf.timezone
+        if name:
+            return ZoneInfo(name) if isinstance(name, str) else name  # type: ignore[no-any-return]
+        return UTC
+
+    def now(self) -> datetime:
+        """Current time in the app's time zone (UTC by default), as Celery's ``app.now()``."""
+        return datetime.now(self.timezone)
+
+    # ------------------------------------------------------------------ tasks
+
+    def gen_task_name(self, name: str, module: str) -> str:
+        if module == "__main__" and self.main:
+            module = self.main
+        return f"{module}.{name}"
+
+    @overload
+    def task(self, fun: Callable[P, R], /) -> Task[P, R]: ...
+
+    @overload
+    def task(self, *, bind: Literal[True], name: str | None = None,
+             **options: Any) -> Callable[[Callable[Concatenate[Any, P], R]], Task[P, R]]: ...
+
+    @overload
+    def task(self, *, bind: Literal[False] = False, name: str | None = None,
+             **options: Any) -> Callable[[Callable[P, R]], Task[P, R]]: ...
+
+    def task(  # type: ignore[misc]
+        self, fun: Callable[..., Any] | None = None, /, *, bind: bool = False,
+        name: str | None = None, **options: Any,
+    ) -> Any:
+        """Register a function as a task: ``@app.task`` or ``@app.task(bind=True, ...)``."""
+
+        def register(f: Callable[..., Any]) -> Task[Any, Any]:
+            task_name = name or self.gen_task_name(f.__qualname__, f.__module__)
+            task: Task[Any, Any] = Task(self, f, task_name, bind=bind, **options)
+            self.tasks[task_name] = task
+            return task
+
+        return register(fun) if fun is not None else register
+
+    def send_task(
+        self,
+        name: str,
+        args: tuple[Any, ...] | list[Any] | None = None,
+        kwargs: dict[str, Any] | None = None,
+        *,
+        task_id: str | None = None,
+        queue: str | None = None,
+        countdown: float | None = None,
+        eta: datetime | None = None,
+        expires: float | datetime | None = None,
+        priority: int | None = None,
+        serializer: str | None = None,
+        ignore_result: bool = False,
+        time_limit: float | None = None,
+        soft_time_limit: float | None = None,
+        **_: Any,
+    ) -> AsyncResult[Any]:
+        """Queue task ``name`` (which need not be registered here) and return its result."""
+        conf = self.conf
+        task_id = task_id or new_id()
+        queue = queue or conf.task_default_queue
+        now = self.now()
+        parent = current_request()
+        message = build_task_message(
+            name, args or (), kwargs or {},
+            task_id=task_id, queue=queue, serializer=serializer or conf.task_serializer,
+            root_id=(parent.root_id or parent.id) if parent else None,
+            parent_id=parent.id if parent else None,
+            eta=eta_from(countdown, eta, now), expires=expires_from(expires, now),
+            time_limit=time_limit or conf.task_time_limit,
+            soft_time_limit=soft_time_limit or conf.task_soft_time_limit,
+            ignore_result=ignore_result,
+            priority=priority if priority is not None else conf.task_default_priority,
+        )
+        if not ignore_result:
+            backend = self.backend
+            backend.append_history(task_id, states.PENDING, {"task": name, "queue": queue},
+                                   hostname=origin_name())
+        self.broker.publish(message)
+        return AsyncResult(task_id, app=self, task_name=name)
+
+    def AsyncResult(self, task_id: str) -> AsyncResult[Any]:  # noqa: N802 - Celery's name
+        return AsyncResult(task_id, app=self)
+
+    def close(self) -> None:
+        if self._broker is not None:
+            self._broker.close()
+        if self._backend is not None:
+            self._backend.close()
+        self._reset_connections()
+
+
+Celery = Celeriac

@@ -1,0 +1,174 @@
+"""The result backend contract, and what every backend shares.
+
+A backend keeps, per task id:
+
+* the **meta**: Celery's stored result (``status``, ``result``, ``traceback``,
+  ``children``, ``date_done``, ..., ``task_id``), encoded with ``result_serializer``
+  exactly as Celery stores it, so either project reads the other's results;
+* the **history**: every transition, oldest first, each an entry
+  ``{"state", "timestamp", "hostname", "pid", "meta"}``.
+
+A store implements five operations (``_get``, ``record``, ``history``, ``forget``,
+``exists``) and may improve ``_wait_for_change``.  ``record`` is the only write:
+it applies a batch of :class:`Record`\\ s in order, and for each one that sets a
+state it must apply :func:`celeriac.states.may_replace` atomically with the write
+(a stored SUCCESS, FAILURE or REVOKED is never replaced), appending the history
+entry only when the state was written.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from .. import serialization, states
+from ..exceptions import TimeoutError
+from ..protocol import RequestInfo, check_task_id, exception_to_dict, result_meta
+
+if TYPE_CHECKING:
+    from ..app import Celeriac
+
+
+@dataclass
+class Record:
+    """One write: a history entry, and (when ``state`` is set) the meta to store with it."""
+
+    task_id: str
+    entry: dict[str, Any]
+    state: str | None = None
+    payload: bytes | None = None
+
+
+def history_entry(state: str, meta: Any = None, *, hostname: str | None = None,
+                  pid: int | None = None, timestamp: float | None = None) -> dict[str, Any]:
+    return {
+        "state": state,
+        "timestamp": time.time() if timestamp is None else timestamp,
+        "hostname": hostname if hostname is not None else socket.gethostname(),
+        "pid": pid if pid is not None else os.getpid(),
+        "meta": meta,
+    }
+
+
+def entry_for_user(entry: dict[str, Any]) -> dict[str, Any]:
+    """A stored entry as ``AsyncResult.history`` returns it: timestamp as aware UTC datetime."""
+    out = dict(entry)
+    out["timestamp"] = datetime.fromtimestamp(float(entry["timestamp"]), UTC)
+    return out
+
+
+PENDING_META: dict[str, Any] = {"status": states.PENDING, "result": None, "traceback": None,
+                                "children": [], "date_done": None}
+
+
+class Backend(ABC):
+    #: True when ``get()`` is woken by the store instead of polling.
+    wakes_waiters = False
+
+    def __init__(self, app: Celeriac, url: str) -> None:
+        self.app = app
+        self.url = url
+        conf = app.conf
+        self.serializer = conf.result_serializer
+        accept = conf.result_accept_content or conf.accept_content
+        self.accept = serialization.accepted_content_types(accept)
+        self.content_type = serialization.get_serializer(self.serializer).content_type
+
+    # ------------------------------------------------------------------ the contract
+
+    @abstractmethod
+    def _get(self, task_id: str) -> bytes | None:
+        """The stored meta bytes, or None."""
+
+    @abstractmethod
+    def record(self, records: Sequence[Record]) -> list[bool]:
+        """Apply writes in order; for each, whether its state (or history entry) was written."""
+
+    @abstractmethod
+    def history(self, task_id: str) -> list[dict[str, Any]]:
+        """Stored history entries, oldest first."""
+
+    @abstractmethod
+    def forget(self, task_id: str) -> None:
+        """Remove meta and history; forgetting an unknown id is not an error."""
+
+    @abstractmethod
+    def exists(self, task_id: str) -> bool:
+        """Whether anything (meta or history) is stored for the id."""
+
+    def _wait_for_change(self, task_id: str, timeout: float, attempt: int) -> None:
+        """Block until the task's meta may have changed, or ``timeout`` s pass.
+
+        The default polls with growing pauses (1 ms, 2 ms, 4 ms... up to 50 ms), so a
+        short task's result is seen within a few ms and a long wait costs little.
+        """
+        time.sleep(min(timeout, 0.001 * (2 ** min(attempt, 6)), 0.05))
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release what this process holds."""
+
+    # ------------------------------------------------------------------ shared behaviour
+
+    def encode_meta(self, meta: dict[str, Any]) -> bytes:
+        return serialization.dumps(meta, self.serializer)[2]
+
+    def decode_meta(self, data: bytes) -> dict[str, Any]:
+        meta: dict[str, Any] = serialization.loads(data, self.content_type, self.accept)
+        return meta
+
+    def get_meta(self, task_id: str) -> dict[str, Any]:
+        data = self._get(task_id)
+        if data is None:
+            return dict(PENDING_META, task_id=task_id)
+        return self.decode_meta(data)
+
+    def prepare_record(
+        self,
+        task_id: str,
+        state: str,
+        result: Any = None,
+        *,
+        traceback: str | None = None,
+        request: RequestInfo | None = None,
+        hostname: str | None = None,
+        entry_meta: Any = None,
+    ) -> Record:
+        """Build the Celery meta and the history entry for setting ``state``."""
+        if isinstance(result, BaseException):
+            result = exception_to_dict(result)
+        date_done = self.app.now().isoformat() if state in states.READY_STATES else None
+        meta = result_meta(task_id, state, result, traceback=traceback, date_done=date_done,
+                           request=request, extended=bool(self.app.conf.result_extended))
+        payload = self.encode_meta(meta)
+        entry = history_entry(state, entry_meta, hostname=hostname)
+        return Record(task_id, entry, state, payload)
+
+    def store(self, task_id: str, state: str, result: Any = None, **kw: Any) -> bool:
+        """Set one state now (under the transition rule); True when it was written."""
+        check_task_id(task_id)
+        return self.record([self.prepare_record(task_id, state, result, **kw)])[0]
+
+    def append_history(self, task_id: str, state: str, meta: Any = None,
+                       hostname: str | None = None) -> None:
+        check_task_id(task_id)
+        self.record([Record(task_id, history_entry(state, meta, hostname=hostname))])
+
+    def wait(self, task_id: str, timeout: float | None = None) -> dict[str, Any]:
+        """Block until the task is ready; returns its meta or raises TimeoutError."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        attempt = 0
+        while True:
+            meta = self.get_meta(task_id)
+            if meta["status"] in states.READY_STATES:
+                return meta
+            remaining = 3600.0 if deadline is None else deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("The operation timed out.")
+            self._wait_for_change(task_id, remaining, attempt)
+            attempt += 1

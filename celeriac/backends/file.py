@@ -1,0 +1,142 @@
+"""``file:///dir``: one file per task, as Celery's filesystem backend lays them out.
+
+Layout (``ls`` the directory)::
+
+    celery-task-meta-<id>        the Celery meta, result_serializer bytes (Celery reads it)
+    celeriac-task-history-<id>   the history, one JSON object per line, oldest first
+
+Unlike Celery's backend, a meta file is never written in place: the new bytes go
+to a temporary file in the same directory, are fsynced, and are renamed over the
+old file, so a reader sees the old meta or the new one, never a torn or empty
+file.  Writers for one task take an exclusive ``flock`` on its history file
+around read-check-rename-append, which makes the transition rule atomic among
+celeriac writers.  The directory is created if missing; task ids that are not
+safe file names are refused (see ``protocol.check_task_id``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+from .. import serialization, states
+from ..exceptions import DecodeError, ImproperlyConfigured
+from ..protocol import check_task_id
+from .base import Backend, Record
+
+if TYPE_CHECKING:
+    from ..app import Celeriac
+
+META_PREFIX = "celery-task-meta-"
+HISTORY_PREFIX = "celeriac-task-history-"
+
+
+def directory_from_url(url: str) -> str:
+    """Celery's rule: ``file://localhost/x`` and ``file:///x`` are ``/x``, ``file://x`` is ``x``."""
+    if url.startswith("file://localhost/"):
+        return url[len("file://localhost"):]
+    if url.startswith("file://"):
+        path = url[len("file://"):]
+        if path:
+            return path
+    raise ImproperlyConfigured(f"file result backend URL {url!r} names no directory")
+
+
+class FileBackend(Backend):
+    def __init__(self, app: Celeriac, url: str) -> None:
+        super().__init__(app, url)
+        self.directory = os.path.abspath(directory_from_url(url))
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+        except OSError as exc:
+            raise ImproperlyConfigured(
+                f"file result backend cannot use directory {self.directory!r}: {exc}"
+            ) from exc
+
+    def _meta_path(self, task_id: str) -> str:
+        return os.path.join(self.directory, META_PREFIX + check_task_id(task_id))
+
+    def _history_path(self, task_id: str) -> str:
+        return os.path.join(self.directory, HISTORY_PREFIX + check_task_id(task_id))
+
+    def _get(self, task_id: str) -> bytes | None:
+        try:
+            with open(self._meta_path(task_id), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
+    @contextlib.contextmanager
+    def _locked_history(self, task_id: str) -> Iterator[int]:
+        fd = os.open(self._history_path(task_id), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield fd
+        finally:
+            os.close(fd)  # closing releases the lock
+
+    def _stored_state(self, task_id: str) -> str | None:
+        data = self._get(task_id)
+        if not data:
+            return None
+        try:
+            return str(self.decode_meta(data).get("status"))
+        except DecodeError:
+            return None  # a torn file left by a non-atomic writer: replace it
+
+    def _replace_meta(self, task_id: str, payload: bytes) -> None:
+        fd, tmp = tempfile.mkstemp(prefix=".celeriac-tmp-", dir=self.directory)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(payload)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, self._meta_path(task_id))
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    def record(self, records: Sequence[Record]) -> list[bool]:
+        applied = []
+        for r in records:
+            with self._locked_history(r.task_id) as fd:
+                if r.state is not None:
+                    if not states.may_replace(self._stored_state(r.task_id), r.state):
+                        applied.append(False)
+                        continue
+                    assert r.payload is not None
+                    self._replace_meta(r.task_id, r.payload)
+                line = serialization.json_dumps_lenient(r.entry) + "\n"
+                os.write(fd, line.encode("utf-8"))
+                applied.append(True)
+        return applied
+
+    def history(self, task_id: str) -> list[dict[str, Any]]:
+        try:
+            with open(self._history_path(task_id), encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except FileNotFoundError:
+            return []
+        entries = []
+        for line in lines:
+            with contextlib.suppress(ValueError):
+                entries.append(json.loads(line))
+        return entries
+
+    def forget(self, task_id: str) -> None:
+        for path in (self._meta_path(task_id), self._history_path(task_id)):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+    def exists(self, task_id: str) -> bool:
+        return os.path.exists(self._meta_path(task_id)) or os.path.exists(
+            self._history_path(task_id)
+        )
+

@@ -1,0 +1,146 @@
+"""``sqlite:///path``: results and histories in one SQLite file (by default the broker's).
+
+Layout (inspect with ``sqlite3``)::
+
+    celeriac_task_meta(task_id PRIMARY KEY, status, meta, updated_at)
+    celeriac_task_history(seq, task_id, state, timestamp, hostname, pid, meta)
+
+``meta`` holds the Celery result bytes (``result_serializer``), the same bytes
+Celery's key-value backends store under ``celery-task-meta-<id>``; history
+``meta`` is JSON.  The transition rule is one statement: an upsert whose update
+branch carries ``WHERE status NOT IN (<ready states>)``, so check and write are
+atomic.  Writers ring a bell after a commit that set a state; ``get()`` sleeps on
+it instead of polling.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from .. import serialization, states
+from .._sqlite import ThreadConnections, path_from_url
+from ..bell import Bell, Listener, bell_dir
+from ..brokers.sqlite import write_transaction
+from ..protocol import check_task_id
+from .base import Backend, Record
+
+if TYPE_CHECKING:
+    from ..app import Celeriac
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS celeriac_task_meta (
+    task_id TEXT PRIMARY KEY,
+    status TEXT NOT NULL,
+    meta BLOB NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS celeriac_task_history (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    task_id TEXT NOT NULL,
+    state TEXT NOT NULL,
+    timestamp REAL NOT NULL,
+    hostname TEXT,
+    pid INTEGER,
+    meta TEXT
+);
+CREATE INDEX IF NOT EXISTS celeriac_task_history_by_task
+    ON celeriac_task_history (task_id, seq);
+"""
+
+_READY_SQL = ", ".join(f"'{s}'" for s in sorted(states.READY_STATES))
+_UPSERT = (
+    "INSERT INTO celeriac_task_meta (task_id, status, meta, updated_at) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT (task_id) DO UPDATE SET status = excluded.status, meta = excluded.meta, "
+    "updated_at = excluded.updated_at "
+    f"WHERE celeriac_task_meta.status NOT IN ({_READY_SQL})"
+)
+_APPEND = (
+    "INSERT INTO celeriac_task_history (task_id, state, timestamp, hostname, pid, meta) "
+    "VALUES (?, ?, ?, ?, ?, ?)"
+)
+#: Longest a waiter sleeps between checks when no ring comes (a writer without bells).
+WAIT_RECHECK = 0.25
+
+
+class SQLiteBackend(Backend):
+    wakes_waiters = True
+
+    def __init__(self, app: Celeriac, url: str) -> None:
+        super().__init__(app, url)
+        self.path = path_from_url(url)
+        self.connections = ThreadConnections(self.path, SCHEMA)
+        self._bell_dir = bell_dir(self.path, "results")
+        self._bell: Bell | None = None
+        self._local = threading.local()
+
+    def _get(self, task_id: str) -> bytes | None:
+        row = self.connections.get().execute(
+            "SELECT meta FROM celeriac_task_meta WHERE task_id = ?", (task_id,)
+        ).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def record(self, records: Sequence[Record]) -> list[bool]:
+        conn = self.connections.get()
+        applied: list[bool] = []
+        with write_transaction(conn):
+            for r in records:
+                if r.state is not None:
+                    cur = conn.execute(_UPSERT, (r.task_id, r.state, r.payload, time.time()))
+                    if cur.rowcount == 0:
+                        applied.append(False)
+                        continue
+                e = r.entry
+                meta = None if e["meta"] is None else serialization.json_dumps_lenient(e["meta"])
+                conn.execute(_APPEND, (r.task_id, e["state"], e["timestamp"], e["hostname"],
+                                       e["pid"], meta))
+                applied.append(True)
+        if any(r.state is not None for r in records):
+            if self._bell is None:
+                self._bell = Bell(self._bell_dir)
+            self._bell.ring()
+        return applied
+
+    def history(self, task_id: str) -> list[dict[str, Any]]:
+        rows = self.connections.get().execute(
+            "SELECT state, timestamp, hostname, pid, meta FROM celeriac_task_history "
+            "WHERE task_id = ? ORDER BY seq", (task_id,),
+        )
+        return [
+            {"state": s, "timestamp": ts, "hostname": h, "pid": p,
+             "meta": None if m is None else json.loads(m)}
+            for s, ts, h, p, m in rows
+        ]
+
+    def forget(self, task_id: str) -> None:
+        check_task_id(task_id)
+        conn = self.connections.get()
+        with write_transaction(conn):
+            conn.execute("DELETE FROM celeriac_task_meta WHERE task_id = ?", (task_id,))
+            conn.execute("DELETE FROM celeriac_task_history WHERE task_id = ?", (task_id,))
+
+    def exists(self, task_id: str) -> bool:
+        conn = self.connections.get()
+        row = conn.execute(
+            "SELECT 1 FROM celeriac_task_meta WHERE task_id = ? UNION ALL "
+            "SELECT 1 FROM celeriac_task_history WHERE task_id = ? LIMIT 1", (task_id, task_id),
+        ).fetchone()
+        return row is not None
+
+    def _wait_for_change(self, task_id: str, timeout: float, attempt: int) -> None:
+        listener: Listener | None = getattr(self._local, "listener", None)
+        if listener is None:
+            # Listen first, then let the caller read again: no ring can fall in between.
+            self._local.listener = Listener(self._bell_dir)
+            return
+        listener.wait(min(timeout, WAIT_RECHECK))
+
+    def close(self) -> None:
+        self.connections.close()
+        listener = getattr(self._local, "listener", None)
+        if listener is not None:
+            listener.close()
+            self._local.listener = None

@@ -1,0 +1,57 @@
+"""The broker contract.
+
+A broker moves task messages (:class:`celeriac.protocol.Message`) from producers
+to workers.  Producers call :meth:`Broker.publish` synchronously; each worker
+process opens one :class:`Consumer` and drives it from its event loop.
+
+Delivery is at least once: a message handed to a consumer stays owned by it
+until acked or rejected; if the consumer's process dies, the message is
+delivered again (after a lease lapses, or when the connection drops).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+from ..protocol import Message
+
+
+class Consumer(ABC):
+    """One worker process's stream of messages from a set of queues."""
+
+    @abstractmethod
+    async def get(self, limit: int, timeout: float) -> list[Message]:
+        """Up to ``limit`` messages, waiting up to ``timeout`` s for the first one."""
+
+    @abstractmethod
+    async def ack(self, messages: Sequence[Message]) -> None:
+        """The messages are done with: remove them for good."""
+
+    @abstractmethod
+    async def reject(self, message: Message, *, requeue: bool, reason: str = "") -> None:
+        """Give a message back (``requeue``) or set it aside as dead with ``reason``."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Stop consuming; messages not acked become available to others again."""
+
+
+class Broker(ABC):
+    #: the URL it was opened with
+    url: str
+
+    @abstractmethod
+    def publish(self, message: Message) -> None:
+        """Put ``message`` on ``message.queue``; returns once the broker has it."""
+
+    @abstractmethod
+    def purge(self, queues: Sequence[str]) -> int:
+        """Delete every waiting message in ``queues``; returns how many."""
+
+    @abstractmethod
+    def consumer(self, queues: Sequence[str], *, name: str) -> Consumer:
+        """A consumer for one worker process (``name`` identifies it)."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections held by this process."""

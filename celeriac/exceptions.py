@@ -1,0 +1,109 @@
+"""Exceptions raised by celeriac, named as Celery names them.
+
+Results store an exception as ``{"exc_type", "exc_message", "exc_module"}``.
+The classes below are written under ``exc_module = "celery.exceptions"`` so a
+Celery client reading a celeriac result resolves them to its own classes, and
+celeriac resolves that module name back to these classes (see protocol.py).
+"""
+
+from __future__ import annotations
+
+import builtins
+from typing import Any
+
+
+class CeleriacError(Exception):
+    """Base class of celeriac's own errors."""
+
+
+class ImproperlyConfigured(CeleriacError):
+    """A setting has a value celeriac cannot use."""
+
+
+class TimeoutError(CeleriacError, builtins.TimeoutError):  # noqa: A001 - Celery's name
+    """``AsyncResult.get(timeout=...)`` ran out of time."""
+
+
+class NotRegistered(CeleriacError, KeyError):
+    """A message named a task the worker does not know."""
+
+    def __str__(self) -> str:
+        return Exception.__str__(self)
+
+
+class EncodeError(CeleriacError, TypeError):
+    """A value could not be serialized."""
+
+
+class DecodeError(CeleriacError, ValueError):
+    """Bytes could not be turned back into a value (malformed message or result)."""
+
+
+class ContentDisallowed(DecodeError):
+    """A message or result used a serializer that is not in ``accept_content``."""
+
+
+class UnsafeTaskId(CeleriacError, ValueError):
+    """A task id cannot be used as a storage key (path separators, control characters...)."""
+
+
+class SecurityError(CeleriacError):
+    """A stored exception named something that is not an exception class."""
+
+
+class TaskRevokedError(CeleriacError):
+    """The task was revoked and did not run (or was stopped)."""
+
+
+class WorkerLostError(CeleriacError):
+    """The process running the task died."""
+
+
+class SoftTimeLimitExceeded(CeleriacError):
+    """Raised inside a task when its soft time limit passes."""
+
+
+class TimeLimitExceeded(CeleriacError):
+    """The task ran past its hard time limit and was stopped."""
+
+
+class MaxRetriesExceededError(CeleriacError):
+    """``Task.retry`` was called more times than ``max_retries`` allows."""
+
+
+class Ignore(CeleriacError):  # noqa: N818 - Celery's name
+    """Raised by a task to leave its state as it is and store nothing more."""
+
+
+class Reject(CeleriacError):  # noqa: N818 - Celery's name
+    """Raised by a task to reject its message, optionally putting it back on the queue."""
+
+    def __init__(self, reason: Any = None, requeue: bool = False) -> None:
+        self.reason = reason
+        self.requeue = requeue
+        super().__init__(reason, requeue)
+
+
+class Retry(CeleriacError):  # noqa: N818 - Celery's name
+    """Raised by ``Task.retry`` to tell the worker the task will run again."""
+
+    def __init__(self, message: str | None = None, exc: BaseException | None = None,
+                 when: Any = None) -> None:
+        self.message = message
+        self.exc = exc
+        self.when = when
+        super().__init__(message, exc, when)
+
+
+#: Celery's module name for the classes above, as written into stored results.
+CELERY_EXC_MODULE = "celery.exceptions"
+
+#: Classes a stored ``exc_module == "celery.exceptions"`` may resolve to.
+CELERY_NAMED: dict[str, type[BaseException]] = {
+    cls.__name__: cls
+    for cls in (
+        TimeoutError, NotRegistered, EncodeError, DecodeError, ContentDisallowed,
+        TaskRevokedError, WorkerLostError, SoftTimeLimitExceeded, TimeLimitExceeded,
+        MaxRetriesExceededError, Ignore, Reject, Retry, ImproperlyConfigured, SecurityError,
+    )
+}

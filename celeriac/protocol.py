@@ -1,0 +1,380 @@
+"""Everything Celery-specific about bytes: task messages (protocol v2), the kombu
+envelope used by key-value transports, exceptions in results, and result metas.
+
+Brokers and backends call into this module; none of them knows Celery's formats.
+"""
+
+from __future__ import annotations
+
+import base64
+import builtins
+import importlib
+import os
+import re
+import reprlib
+import socket
+import sys
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from . import serialization
+from .exceptions import (
+    CELERY_EXC_MODULE,
+    CELERY_NAMED,
+    DecodeError,
+    EncodeError,
+    SecurityError,
+    UnsafeTaskId,
+)
+
+EMBED_DEFAULTS: dict[str, Any] = {"callbacks": None, "errbacks": None, "chain": None,
+                                  "chord": None}
+
+_repr = reprlib.Repr()
+_repr.maxstring = 256
+_repr.maxother = 256
+_repr.maxlist = _repr.maxtuple = _repr.maxdict = 32
+
+
+def saferepr(obj: Any) -> str:
+    try:
+        return _repr.repr(obj)
+    except Exception:  # a broken __repr__ must not stop a publish
+        return f"<unrepresentable {type(obj).__name__}>"
+
+
+def origin_name() -> str:
+    """Celery's ``anon_nodename()``: ``gen<pid>@<host>``."""
+    return f"gen{os.getpid()}@{socket.gethostname()}"
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+_SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+=-]{0,254}")
+
+
+def check_task_id(task_id: str) -> str:
+    """Refuse ids that cannot be a file name or key safely (``/``, ``..``, control chars)."""
+    if not isinstance(task_id, str) or not _SAFE_ID.fullmatch(task_id) or ".." in task_id:
+        raise UnsafeTaskId(
+            f"task id {task_id!r} is not safe as a storage key: use letters, digits and "
+            "._:@+=- (no path separators, no '..', at most 255 characters)"
+        )
+    return task_id
+
+
+# --------------------------------------------------------------------------- messages
+
+
+@dataclass
+class Message:
+    """A message as a transport hands it over: Celery headers, encoded body, AMQP properties."""
+
+    headers: dict[str, Any]
+    body: bytes
+    content_type: str
+    content_encoding: str
+    properties: dict[str, Any] = field(default_factory=dict)
+    queue: str = ""
+    tag: Any = None  # transport's handle for ack/reject
+    redelivered: bool = False
+
+    @property
+    def delivery_info(self) -> dict[str, Any]:
+        info: dict[str, Any] = dict(self.properties.get("delivery_info") or {})
+        info.setdefault("exchange", "")
+        info.setdefault("routing_key", self.queue)
+        info["redelivered"] = self.redelivered
+        return info
+
+
+def build_task_message(
+    name: str,
+    args: tuple[Any, ...] | list[Any],
+    kwargs: dict[str, Any],
+    *,
+    task_id: str,
+    queue: str,
+    serializer: str,
+    root_id: str | None = None,
+    parent_id: str | None = None,
+    group_id: str | None = None,
+    retries: int = 0,
+    eta: datetime | None = None,
+    expires: datetime | None = None,
+    time_limit: float | None = None,
+    soft_time_limit: float | None = None,
+    ignore_result: bool = False,
+    reply_to: str | None = None,
+    priority: int | None = None,
+    shadow: str | None = None,
+) -> Message:
+    """Build a protocol v2 task message exactly as Celery 5.7 lays it out."""
+    check_task_id(task_id)
+    args = list(args)
+    kwargs = dict(kwargs)
+    headers: dict[str, Any] = {
+        "lang": "py",
+        "task": name,
+        "id": task_id,
+        "shadow": shadow,
+        "eta": eta.isoformat() if eta else None,
+        "expires": expires.isoformat() if expires else None,
+        "group": group_id,
+        "group_index": None,
+        "retries": retries,
+        "timelimit": [time_limit, soft_time_limit],
+        "root_id": root_id or task_id,
+        "parent_id": parent_id,
+        "argsrepr": saferepr(tuple(args)),
+        "kwargsrepr": saferepr(kwargs),
+        "origin": origin_name(),
+        "ignore_result": ignore_result,
+        "replaced_task_nesting": 0,
+        "stamped_headers": None,
+        "stamps": {},
+    }
+    body_obj = [args, kwargs, dict(EMBED_DEFAULTS)]
+    try:
+        content_type, encoding, body = serialization.dumps(body_obj, serializer)
+    except EncodeError:
+        raise _name_unserializable(name, args, kwargs, serializer) from None
+    properties: dict[str, Any] = {
+        "correlation_id": task_id,
+        "reply_to": reply_to or "",
+        "delivery_mode": 2,
+        "priority": priority or 0,
+        "delivery_info": {"exchange": "", "routing_key": queue},
+    }
+    if expires is not None:
+        remaining = (expires - datetime.now(expires.tzinfo)).total_seconds()
+        properties["expiration"] = str(max(0, int(remaining * 1000)))
+    return Message(headers, body, content_type, encoding, properties, queue=queue)
+
+
+def _name_unserializable(name: str, args: list[Any], kwargs: dict[str, Any],
+                         serializer: str) -> EncodeError:
+    """Find which argument could not be encoded and say so."""
+    places = [(f"argument {i}", v) for i, v in enumerate(args)]
+    places += [(f"keyword argument {k!r}", v) for k, v in kwargs.items()]
+    for where, value in places:
+        try:
+            serialization.dumps(value, serializer)
+        except EncodeError as exc:
+            return EncodeError(
+                f"{where} of task {name} ({saferepr(value)}, type {type(value).__name__}) "
+                f"cannot be serialized with {serializer}: {exc.__cause__ or exc}"
+            )
+    return EncodeError(f"the arguments of task {name} cannot be serialized with {serializer}")
+
+
+@dataclass
+class TaskCall:
+    """A parsed task message: what the worker needs to run it."""
+
+    id: str
+    name: str
+    args: list[Any]
+    kwargs: dict[str, Any]
+    embed: dict[str, Any]
+    headers: dict[str, Any]
+    message: Message
+
+    @property
+    def retries(self) -> int:
+        return int(self.headers.get("retries") or 0)
+
+
+def task_id_of(message: Message) -> str | None:
+    """The task id a message claims, when it has a usable one (even if the rest is broken)."""
+    tid = message.headers.get("id") if isinstance(message.headers, dict) else None
+    if not tid:
+        tid = message.properties.get("correlation_id")
+    try:
+        return check_task_id(tid) if tid else None
+    except UnsafeTaskId:
+        return None
+
+
+def parse_task_message(message: Message, accept: frozenset[str]) -> TaskCall:
+    """Decode a protocol v2 message; raises DecodeError naming what is wrong."""
+    headers = message.headers
+    if not isinstance(headers, dict) or "task" not in headers:
+        raise DecodeError("not a Celery protocol v2 task message (no 'task' header)")
+    task_id = headers.get("id")
+    if not task_id:
+        raise DecodeError("task message has no 'id' header")
+    check_task_id(task_id)
+    body = serialization.loads(message.body, message.content_type, accept)
+    if not isinstance(body, list | tuple) or len(body) != 3:
+        raise DecodeError("task message body is not [args, kwargs, embed]")
+    args, kwargs, embed = body
+    if not isinstance(args, list | tuple) or not isinstance(kwargs, dict):
+        raise DecodeError("task message body has args that are not a list or kwargs not a dict")
+    return TaskCall(task_id, str(headers["task"]), list(args), kwargs, embed or {},
+                    headers, message)
+
+
+def encode_envelope(message: Message) -> bytes:
+    """kombu's key-value envelope: JSON with a base64 body (Redis lists, SQLite rows)."""
+    props = dict(message.properties)
+    props["body_encoding"] = "base64"
+    props.setdefault("delivery_tag", new_id())
+    envelope = {
+        "body": base64.b64encode(message.body).decode("ascii"),
+        "content-encoding": message.content_encoding,
+        "content-type": message.content_type,
+        "headers": message.headers,
+        "properties": props,
+    }
+    return serialization.json_dumps(envelope)
+
+
+def decode_envelope(data: bytes, queue: str) -> Message:
+    try:
+        env = serialization.json_loads(data)
+        props = env.get("properties") or {}
+        body = env["body"]
+        if props.get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        elif isinstance(body, str):
+            body = body.encode(env.get("content-encoding") or "utf-8")
+        return Message(env.get("headers") or {}, body, env.get("content-type") or "",
+                       env.get("content-encoding") or "", props, queue=queue)
+    except (KeyError, ValueError, TypeError, AttributeError) as exc:
+        raise DecodeError(f"malformed message envelope: {exc}") from exc
+
+
+# --------------------------------------------------------------------------- exceptions
+
+
+def _serializable(value: Any) -> Any:
+    try:
+        serialization.json_dumps(value)
+        return value
+    except (TypeError, ValueError):
+        return saferepr(value)
+
+
+def exception_to_dict(exc: BaseException) -> dict[str, Any]:
+    """Celery's JSON form of an exception."""
+    cls = type(exc)
+    module = cls.__module__
+    if module == "celeriac.exceptions":
+        module = CELERY_EXC_MODULE
+    return {
+        "exc_type": cls.__qualname__,
+        "exc_message": [_serializable(a) for a in exc.args],
+        "exc_module": module,
+    }
+
+
+_synthesized: dict[tuple[str, str], type[Exception]] = {}
+
+
+def _synthesize(name: str, module: str) -> type[Exception]:
+    key = (module, name)
+    cls = _synthesized.get(key)
+    if cls is None:
+        cls = type(name.rsplit(".", 1)[-1], (Exception,), {"__module__": module})
+        cls.__qualname__ = name
+        _synthesized[key] = cls
+    return cls
+
+
+def _resolve_exception_class(name: str, module: str | None) -> type[BaseException]:
+    if module is None:
+        return _synthesize(name, CELERY_EXC_MODULE)
+    if module == CELERY_EXC_MODULE and name in CELERY_NAMED:
+        return CELERY_NAMED[name]
+    if module == "builtins":
+        obj: Any = builtins
+    else:
+        obj = sys.modules.get(module)
+        if obj is None:
+            try:
+                obj = importlib.import_module(module)
+            except Exception:
+                return _synthesize(name, module)
+    try:
+        for part in name.split("."):
+            obj = getattr(obj, part)
+    except AttributeError:
+        return _synthesize(name, module)
+    if not (isinstance(obj, type) and issubclass(obj, BaseException)):
+        raise SecurityError(f"stored exception type {module}.{name} is not an exception class")
+    return obj
+
+
+def exception_from_dict(data: Any) -> BaseException:
+    """Rebuild an exception from its stored form; never unpickles."""
+    if isinstance(data, BaseException):
+        return data
+    if not isinstance(data, dict) or "exc_type" not in data:
+        raise DecodeError(f"stored exception has no 'exc_type': {saferepr(data)}")
+    cls = _resolve_exception_class(str(data["exc_type"]), data.get("exc_module"))
+    message = data.get("exc_message", "")
+    try:
+        if isinstance(message, list | tuple):
+            return cls(*message)
+        return cls(message)
+    except Exception:
+        return Exception(f"{cls.__qualname__}({message!r})")
+
+
+# --------------------------------------------------------------------------- result metas
+
+
+@dataclass
+class RequestInfo:
+    """The parts of a task request that go into a stored result."""
+
+    id: str
+    task: str | None = None
+    args: Any = None
+    kwargs: Any = None
+    hostname: str | None = None
+    retries: int = 0
+    group: str | None = None
+    parent_id: str | None = None
+    delivery_info: dict[str, Any] | None = None
+
+
+def result_meta(
+    task_id: str,
+    state: str,
+    result: Any,
+    *,
+    traceback: str | None = None,
+    date_done: str | None = None,
+    request: RequestInfo | None = None,
+    extended: bool = False,
+) -> dict[str, Any]:
+    """A result meta in Celery's key order, ``task_id`` last (the key-value stores' form)."""
+    meta: dict[str, Any] = {
+        "status": state,
+        "result": result,
+        "traceback": traceback,
+        "children": [],
+        "date_done": date_done,
+    }
+    if request is not None:
+        if request.group:
+            meta["group_id"] = request.group
+        if request.parent_id:
+            meta["parent_id"] = request.parent_id
+        if extended:
+            meta.update(
+                name=request.task,
+                args=request.args,
+                kwargs=request.kwargs,
+                worker=request.hostname,
+                retries=request.retries,
+                queue=(request.delivery_info or {}).get("routing_key"),
+            )
+    meta["task_id"] = task_id
+    return meta

@@ -1,0 +1,279 @@
+"""Tasks: the ``@app.task`` wrapper, its calling API and the request context."""
+
+from __future__ import annotations
+
+import contextvars
+import inspect
+import time
+import traceback as tb
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
+
+from . import states
+from .backends.base import history_entry
+from .protocol import RequestInfo, build_task_message, new_id, origin_name
+from .result import AsyncResult, EagerResult
+
+if TYPE_CHECKING:
+    from .app import Celeriac
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+@dataclass
+class Request:
+    """What ``self.request`` shows inside a running task."""
+
+    id: str | None = None
+    task: str | None = None
+    args: list[Any] = field(default_factory=list)
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    retries: int = 0
+    hostname: str | None = None
+    delivery_info: dict[str, Any] = field(default_factory=dict)
+    root_id: str | None = None
+    parent_id: str | None = None
+    group: str | None = None
+    correlation_id: str | None = None
+    reply_to: str | None = None
+    origin: str | None = None
+    eta: str | None = None
+    expires: str | None = None
+    timelimit: tuple[float | None, float | None] = (None, None)
+    ignore_result: bool = False
+    is_eager: bool = False
+    called_directly: bool = True
+    #: set by the worker: writes a state through the worker's ordered writer
+    state_sink: Callable[[str, str, Any], None] | None = field(default=None, repr=False)
+
+    def info(self) -> RequestInfo:
+        return RequestInfo(
+            id=self.id or "", task=self.task, args=self.args, kwargs=self.kwargs,
+            hostname=self.hostname, retries=self.retries, group=self.group,
+            parent_id=self.parent_id, delivery_info=self.delivery_info,
+        )
+
+
+_current: contextvars.ContextVar[Request | None] = contextvars.ContextVar(
+    "celeriac_request", default=None
+)
+
+
+def current_request() -> Request | None:
+    """The request of the task running in this context, if any."""
+    return _current.get()
+
+
+@dataclass
+class Outcome:
+    state: str
+    value: Any
+    traceback: str | None
+    runtime: float
+
+
+class Task(Generic[P, R]):
+    """A registered task.  Call it to run it here; ``delay`` / ``apply_async`` to queue it."""
+
+    # Options, with Celery's names; None means "use the app's setting".
+    ignore_result: bool | None = None
+    track_started: bool | None = None
+    acks_late: bool | None = None
+    serializer: str | None = None
+    queue: str | None = None
+    priority: int | None = None
+    time_limit: float | None = None
+    soft_time_limit: float | None = None
+    max_retries: int | None = 3
+    default_retry_delay: float = 180
+    typing: bool = True
+
+    def __init__(self, app: Celeriac, fun: Callable[..., Any], name: str, bind: bool = False,
+                 **options: Any) -> None:
+        self.app = app
+        self.run = fun
+        self.name = name
+        self.bind = bind
+        self.is_async = inspect.iscoroutinefunction(fun)
+        for key, value in options.items():
+            if not hasattr(type(self), key):
+                raise TypeError(f"unknown task option {key!r} for task {name}")
+            setattr(self, key, value)
+        self.__doc__ = fun.__doc__
+        self.__name__ = getattr(fun, "__name__", name)
+        self.__module__ = getattr(fun, "__module__", "")
+        self.__wrapped__ = fun
+
+    def __repr__(self) -> str:
+        return f"<@task: {self.name} of {self.app.main or '__main__'}>"
+
+    # ------------------------------------------------------------------ running here
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        if self.bind:
+            return self.run(self, *args, **kwargs)  # type: ignore[no-any-return]
+        return self.run(*args, **kwargs)  # type: ignore[no-any-return]
+
+    @property
+    def request(self) -> Request:
+        return _current.get() or Request(task=self.name)
+
+    @property
+    def backend(self) -> Any:
+        return self.app.backend
+
+    def _option(self, name: str) -> Any:
+        value = getattr(self, name)
+        return getattr(self.app.conf, f"task_{name}") if value is None else value
+
+    # ------------------------------------------------------------------ queueing
+
+    def delay(self, *args: P.args, **kwargs: P.kwargs) -> AsyncResult[R]:
+        """Queue the task with these arguments; shortcut for ``apply_async(args, kwargs)``."""
+        return self.apply_async(args, kwargs)
+
+    def apply_async(
+        self,
+        args: tuple[Any, ...] | list[Any] | None = None,
+        kwargs: dict[str, Any] | None = None,
+        *,
+        task_id: str | None = None,
+        queue: str | None = None,
+        countdown: float | None = None,
+        eta: datetime | None = None,
+        expires: float | datetime | None = None,
+        priority: int | None = None,
+        serializer: str | None = None,
+        ignore_result: bool | None = None,
+        time_limit: float | None = None,
+        soft_time_limit: float | None = None,
+        **options: Any,
+    ) -> AsyncResult[R]:
+        if self.app.conf.task_always_eager:
+            return self.apply(args, kwargs, task_id=task_id)
+        return self.app.send_task(
+            self.name, args, kwargs, task_id=task_id,
+            queue=queue or self.queue, countdown=countdown, eta=eta, expires=expires,
+            priority=self.priority if priority is None else priority,
+            serializer=serializer or self.serializer,
+            ignore_result=self._option("ignore_result") if ignore_result is None
+            else ignore_result,
+            time_limit=time_limit or self.time_limit,
+            soft_time_limit=soft_time_limit or self.soft_time_limit,
+            **options,
+        )
+
+    def AsyncResult(self, task_id: str) -> AsyncResult[R]:  # noqa: N802 - Celery's name
+        return AsyncResult(task_id, app=self.app, task_name=self.name)
+
+    def apply(self, args: tuple[Any, ...] | list[Any] | None = None,
+              kwargs: dict[str, Any] | None = None, *, task_id: str | None = None,
+              **_: Any) -> EagerResult[R]:
+        """Run the task here and now; the outcome is kept in the returned result only."""
+        task_id = task_id or new_id()
+        history = [history_entry(states.PENDING, hostname=origin_name())]
+
+        def sink(tid: str, state: str, meta: Any) -> None:
+            history.append(history_entry(state, meta))
+
+        request = Request(
+            id=task_id, task=self.name, args=list(args or ()), kwargs=dict(kwargs or {}),
+            root_id=task_id, is_eager=True, called_directly=False, hostname=origin_name(),
+            state_sink=sink,
+        )
+        history.append(history_entry(states.STARTED))
+        outcome = execute_sync(self, request)
+        from .protocol import exception_to_dict, result_meta
+
+        value = outcome.value
+        stored = exception_to_dict(value) if isinstance(value, BaseException) else value
+        meta = result_meta(task_id, outcome.state, stored, traceback=outcome.traceback,
+                           date_done=self.app.now().isoformat())
+        history.append(history_entry(outcome.state,
+                                     stored if outcome.state != states.SUCCESS else None))
+        if isinstance(value, BaseException) and self.app.conf.task_eager_propagates:
+            raise value
+        return EagerResult(task_id, meta, history, app=self.app)
+
+    # ------------------------------------------------------------------ inside a task
+
+    def update_state(self, task_id: str | None = None, state: str | None = None,
+                     meta: Any = None, **_: Any) -> None:
+        """Store ``state`` (any string; custom states are fine) with ``meta`` for a task.
+
+        Inside a worker the write goes through the worker's ordered writer, so it can
+        never be overtaken by the task's own STARTED or final state.
+        """
+        request = _current.get()
+        task_id = task_id or (request.id if request else None)
+        if task_id is None:
+            raise ValueError("update_state() needs task_id when called outside a task")
+        state = state or states.PENDING
+        if request is not None and request.state_sink is not None:
+            request.state_sink(task_id, state, meta)
+        else:
+            self.backend.store(task_id, state, meta, entry_meta=meta)
+
+
+def _bound_args(task: Task[Any, Any], request: Request) -> list[Any]:
+    return [task, *request.args] if task.bind else list(request.args)
+
+
+def _failure(exc: BaseException, started: float) -> Outcome:
+    # the first frame is celeriac's own call of the task: the user's frames start after it
+    trace = exc.__traceback__.tb_next if exc.__traceback__ is not None else None
+    text = "".join(tb.format_exception(type(exc), exc, trace))
+    return Outcome(states.FAILURE, exc, text, time.perf_counter() - started)
+
+
+def execute_sync(task: Task[Any, Any], request: Request) -> Outcome:
+    """Run a task (sync or async) in this thread with ``request`` as its context."""
+    token = _current.set(request)
+    started = time.perf_counter()
+    try:
+        value = task.run(*_bound_args(task, request), **request.kwargs)
+        if inspect.isawaitable(value):
+            import asyncio
+
+            value = asyncio.run(_await(value))
+        return Outcome(states.SUCCESS, value, None, time.perf_counter() - started)
+    except Exception as exc:
+        return _failure(exc, started)
+    finally:
+        _current.reset(token)
+
+
+async def _await(value: Any) -> Any:
+    return await value
+
+
+async def execute_async(task: Task[Any, Any], request: Request) -> Outcome:
+    """Run an ``async def`` task on the running loop (the caller set the context)."""
+    started = time.perf_counter()
+    try:
+        value = await task.run(*_bound_args(task, request), **request.kwargs)
+        return Outcome(states.SUCCESS, value, None, time.perf_counter() - started)
+    except Exception as exc:
+        return _failure(exc, started)
+
+
+def eta_from(countdown: float | None, eta: datetime | None, now: datetime) -> datetime | None:
+    if countdown is not None:
+        return now + timedelta(seconds=countdown)
+    if eta is not None and eta.tzinfo is None:
+        return eta.replace(tzinfo=UTC)
+    return eta
+
+
+def expires_from(expires: float | datetime | None, now: datetime) -> datetime | None:
+    if expires is None:
+        return None
+    if isinstance(expires, int | float):
+        return now + timedelta(seconds=expires)
+    return expires if expires.tzinfo else expires.replace(tzinfo=UTC)
+
+
+__all__ = ["Request", "Task", "build_task_message", "current_request"]

@@ -1,0 +1,346 @@
+"""One worker process: an event loop that consumes from the broker and runs tasks.
+
+* ``async def`` tasks run on the loop; ``def`` tasks run one at a time on a task
+  thread, so they never block the loop (or the other tasks' writes).
+* Every write of this process — history entries, states, results and acks — goes
+  through one :class:`Writer`, which keeps them in order and applies whatever has
+  piled up as one batch (one backend transaction, one multi-ack).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import os
+import signal
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from .. import states
+from ..backends.base import Record, history_entry
+from ..exceptions import DecodeError, EncodeError, NotRegistered, TaskRevokedError, UnsafeTaskId
+from ..protocol import Message, TaskCall, parse_task_message, saferepr, task_id_of
+from ..serialization import accepted_content_types
+from ..task import Outcome, Request, Task, _current, execute_async, execute_sync
+
+if TYPE_CHECKING:
+    from ..app import Celeriac
+    from ..brokers.base import Consumer
+
+log = logging.getLogger("celeriac.worker")
+
+#: How long a failing backend or broker write is retried before it is given up (seconds).
+WRITE_RETRY_DELAYS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8)
+
+
+class Writer:
+    """Orders and batches the writes of one worker process."""
+
+    def __init__(self, process: WorkerProcess) -> None:
+        self.process = process
+        self._records: list[Record] = []
+        self._acks: list[Message] = []
+        self._waiters: list[asyncio.Future[None]] = []
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def record(self, record: Record) -> asyncio.Future[None]:
+        self._records.append(record)
+        return self._pending()
+
+    def ack(self, message: Message) -> asyncio.Future[None]:
+        self._acks.append(message)
+        return self._pending()
+
+    def _pending(self) -> asyncio.Future[None]:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        self._idle.clear()
+        self._wake.set()
+        return fut
+
+    async def flushed(self) -> None:
+        await self._idle.wait()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        backend = self.process.app.backend
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            records, self._records = self._records, []
+            acks, self._acks = self._acks, []
+            waiters, self._waiters = self._waiters, []
+            error: BaseException | None = None
+            for delay in (*WRITE_RETRY_DELAYS, None):
+                try:
+                    if records:
+                        await loop.run_in_executor(self.process.io, backend.record, records)
+                        records = []
+                    if acks:
+                        await self.process.consumer.ack(acks)
+                    error = None
+                    break
+                except Exception as exc:  # the store is unhappy: keep the writes, retry
+                    error = exc
+                    if delay is None:
+                        break
+                    log.warning("writing %d results / %d acks failed (%s); retrying in %ss",
+                                len(records), len(acks), exc, delay)
+                    await asyncio.sleep(delay)
+            if error is not None:
+                log.error("gave up writing %d results and %d acks: %r",
+                          len(records), len(acks), error)
+            for fut in waiters:
+                if not fut.done():
+                    if error is None:
+                        fut.set_result(None)
+                    else:
+                        fut.set_exception(error)
+            if not self._records and not self._acks:
+                self._idle.set()
+
+
+class WorkerProcess:
+    def __init__(self, app: Celeriac, queues: list[str], hostname: str) -> None:
+        self.app = app
+        self.queues = queues
+        self.hostname = hostname
+        self.accept = accepted_content_types(app.conf.accept_content)
+        self.prefetch = max(1, int(app.conf.worker_prefetch_multiplier or 1))
+        self.io = ThreadPoolExecutor(1, thread_name_prefix="celeriac-io")
+        self.task_thread = ThreadPoolExecutor(1, thread_name_prefix="celeriac-task")
+        self.consumer: Consumer
+        self.writer: Writer
+        self.stopping = asyncio.Event()
+        self._running: set[asyncio.Task[None]] = set()
+        self._slot_free = asyncio.Event()
+        self._sync_slot = asyncio.Semaphore(1)
+        self._started: set[asyncio.Task[None]] = set()
+
+    # ------------------------------------------------------------------ main loop
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.loop = loop
+        self.loop_thread = threading.get_ident()
+        name = f"{self.hostname}/{os.getpid()}/{os.urandom(3).hex()}"
+        self.consumer = self.app.broker.consumer(self.queues, name=name)
+        self.writer = Writer(self)
+        writer_task = loop.create_task(self.writer.run())
+        stop = loop.create_task(self.stopping.wait())
+        first = asyncio.FIRST_COMPLETED
+        try:
+            while not self.stopping.is_set():
+                room = self.prefetch - len(self._running)
+                if room <= 0:
+                    self._slot_free.clear()
+                    slot = loop.create_task(self._slot_free.wait())
+                    await asyncio.wait({slot, stop}, return_when=first)
+                    slot.cancel()
+                    continue
+                getter = loop.create_task(self.consumer.get(room, timeout=1.0))
+                await asyncio.wait({getter, stop}, return_when=first)
+                if not getter.done():
+                    getter.cancel()  # what it may have taken is released by consumer.close()
+                    continue
+                for message in getter.result():
+                    t = loop.create_task(self.handle(message))
+                    self._running.add(t)
+                    t.add_done_callback(self._finished)
+        finally:
+            stop.cancel()
+            await self._shutdown()
+            writer_task.cancel()
+
+    def _finished(self, t: asyncio.Task[None]) -> None:
+        self._running.discard(t)
+        self._slot_free.set()
+        if not t.cancelled() and t.exception() is not None:
+            log.error("worker failed handling a message", exc_info=t.exception())
+
+    async def _shutdown(self) -> None:
+        """Warm shutdown: started tasks finish, prefetched ones go back to the queue."""
+        for t in list(self._running):
+            if t not in self._started:
+                t.cancel()
+        if self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)
+        await self.writer.flushed()
+        await self.consumer.close()
+        self.io.shutdown(wait=True)
+        self.task_thread.shutdown(wait=True)
+
+    # ------------------------------------------------------------------ one message
+
+    async def handle(self, message: Message) -> None:
+        try:
+            call = parse_task_message(message, self.accept)
+        except (DecodeError, UnsafeTaskId) as exc:
+            await self._set_aside(message, f"malformed message: {exc}", exc)
+            return
+        task = self.app.tasks.get(call.name)
+        if task is None:
+            log.error("Received unregistered task of type %r. The message has been set aside.",
+                      call.name)
+            await self._set_aside(message, f"unregistered task {call.name!r}",
+                                  NotRegistered(call.name), task_id=call.id)
+            return
+        request = self._request(call, task)
+        info = request.info()
+        ignore = bool(request.ignore_result or task._option("ignore_result"))
+        if not ignore:
+            self.writer.record(Record(call.id, history_entry(
+                states.RECEIVED, None, hostname=self.hostname)))
+        log.info("Task %s[%s] received", call.name, call.id)
+
+        if self._expired(call):
+            await self._finish(task, call, request, Outcome(
+                states.REVOKED, TaskRevokedError("expired"), None, 0.0), ignore=False)
+            log.info("Task %s[%s] expired: revoked", call.name, call.id)
+            return
+        await self._wait_for_eta(call)
+
+        acks_late = bool(task._option("acks_late"))
+        if task.is_async:
+            self._start(message, call, task, request, acks_late, ignore)
+            ctx = contextvars.copy_context()
+            ctx.run(_current.set, request)
+            outcome = await asyncio.create_task(execute_async(task, request), context=ctx)
+        else:
+            async with self._sync_slot:
+                self._start(message, call, task, request, acks_late, ignore)
+                outcome = await self.loop.run_in_executor(
+                    self.task_thread, execute_sync, task, request)
+        del info
+        await self._finish(task, call, request, outcome, ignore=ignore)
+        if acks_late:
+            self.writer.ack(message)
+
+    def _start(self, message: Message, call: TaskCall, task: Task[Any, Any], request: Request,
+               acks_late: bool, ignore: bool) -> None:
+        me = asyncio.current_task()
+        if me is not None:
+            self._started.add(me)
+            me.add_done_callback(self._started.discard)
+        if not acks_late:
+            self.writer.ack(message)
+        if not ignore and task._option("track_started"):
+            self.writer.record(self.app.backend.prepare_record(
+                call.id, states.STARTED, {"pid": os.getpid(), "hostname": self.hostname},
+                request=request.info(), hostname=self.hostname,
+                entry_meta={"pid": os.getpid(), "hostname": self.hostname},
+            ))
+
+    async def _finish(self, task: Task[Any, Any], call: TaskCall, request: Request,
+                      outcome: Outcome, ignore: bool) -> None:
+        backend = self.app.backend
+        if outcome.state == states.SUCCESS:
+            log.info("Task %s[%s] succeeded in %.6fs: %s", call.name, call.id, outcome.runtime,
+                     saferepr(outcome.value))
+        elif outcome.state == states.FAILURE:
+            log.error("Task %s[%s] raised unexpected: %r\n%s", call.name, call.id,
+                      outcome.value, outcome.traceback)
+        if ignore:
+            return
+        try:
+            record = backend.prepare_record(
+                call.id, outcome.state, outcome.value, traceback=outcome.traceback,
+                request=request.info(), hostname=self.hostname,
+                entry_meta=None if outcome.state == states.SUCCESS else _exc_meta(outcome.value),
+            )
+        except EncodeError as exc:
+            error = EncodeError(f"result of task {call.name} cannot be stored: {exc}")
+            log.error("Task %s[%s] %s", call.name, call.id, error)
+            record = backend.prepare_record(
+                call.id, states.FAILURE, error, traceback=None, request=request.info(),
+                hostname=self.hostname, entry_meta=_exc_meta(error),
+            )
+        self.writer.record(record)
+
+    async def _set_aside(self, message: Message, reason: str, exc: BaseException,
+                         task_id: str | None = None) -> None:
+        """A message that cannot run: store FAILURE when it has an id, dead-letter it."""
+        task_id = task_id or task_id_of(message)
+        log.error("Message %s set aside: %s", task_id or "(no usable id)", reason)
+        if task_id is not None:
+            record = self.app.backend.prepare_record(
+                task_id, states.FAILURE, exc, hostname=self.hostname, entry_meta=_exc_meta(exc))
+            await self.writer.record(record)
+        await self.consumer.reject(message, requeue=False, reason=reason)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _request(self, call: TaskCall, task: Task[Any, Any]) -> Request:
+        h = call.headers
+        props = call.message.properties
+        request = Request(
+            id=call.id, task=call.name, args=call.args, kwargs=call.kwargs,
+            retries=call.retries, hostname=self.hostname,
+            delivery_info=call.message.delivery_info, root_id=h.get("root_id"),
+            parent_id=h.get("parent_id"), group=h.get("group"),
+            correlation_id=props.get("correlation_id"), reply_to=props.get("reply_to"),
+            origin=h.get("origin"), eta=h.get("eta"), expires=h.get("expires"),
+            timelimit=tuple(h.get("timelimit") or (None, None)),  # type: ignore[arg-type]
+            ignore_result=bool(h.get("ignore_result")), called_directly=False,
+        )
+        request.state_sink = self._state_sink(request)
+        return request
+
+    def _state_sink(self, request: Request) -> Any:
+        def sink(task_id: str, state: str, meta: Any) -> None:
+            record = self.app.backend.prepare_record(
+                task_id, state, meta, request=request.info(), hostname=self.hostname,
+                entry_meta=meta)
+            if threading.get_ident() == self.loop_thread:
+                self.writer.record(record)  # an async task: ordered, not awaited
+            else:
+                asyncio.run_coroutine_threadsafe(self._write(record), self.loop).result()
+
+        return sink
+
+    async def _write(self, record: Record) -> None:
+        await self.writer.record(record)
+
+    def _expired(self, call: TaskCall) -> bool:
+        expires = call.headers.get("expires")
+        if not expires:
+            return False
+        try:
+            return datetime.fromisoformat(expires) < self.app.now()
+        except (TypeError, ValueError):
+            return False
+
+    async def _wait_for_eta(self, call: TaskCall) -> None:
+        eta = call.headers.get("eta")
+        if not eta:
+            return
+        try:
+            delay = (datetime.fromisoformat(eta) - self.app.now()).total_seconds()
+        except (TypeError, ValueError):
+            return
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+
+def _exc_meta(value: Any) -> Any:
+    from ..protocol import exception_to_dict
+
+    return exception_to_dict(value) if isinstance(value, BaseException) else value
+
+
+def run_process(app: Celeriac, queues: list[str], hostname: str) -> None:
+    """Entry point of a worker child process."""
+    process = WorkerProcess(app, queues, hostname)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, process.stopping.set)
+        await process.run()
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor turns Ctrl-C into SIGTERM
+    asyncio.run(main())

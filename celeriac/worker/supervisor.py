@@ -1,0 +1,96 @@
+"""The worker's main process: starts N worker processes, replaces any that die,
+and turns SIGTERM/SIGINT into a warm shutdown (a second one kills the children)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+import time
+from typing import TYPE_CHECKING
+
+from .consumer import run_process
+
+if TYPE_CHECKING:
+    from ..app import Celeriac
+
+log = logging.getLogger("celeriac.worker")
+
+LOG_FORMAT = "[%(asctime)s: %(levelname)s/%(processName)s] %(message)s"
+#: A child that dies sooner than this after starting is restarted only after this long.
+RESPAWN_BACKOFF = 1.0
+
+
+def setup_logging(loglevel: str) -> None:
+    logging.basicConfig(level=loglevel.upper(), format=LOG_FORMAT, stream=sys.stderr,
+                        force=True)
+
+
+def run_worker(app: Celeriac, *, concurrency: int, queues: list[str], hostname: str) -> int:
+    children: dict[int, tuple[int, float]] = {}  # pid -> (slot, started at)
+    stopping = False
+
+    def spawn(slot: int) -> None:
+        app.close()  # no connection may be shared across fork
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                multiprocessing.current_process().name = f"Worker-{slot}"
+                run_process(app, queues, hostname)
+            except BaseException:
+                log.exception("worker process crashed")
+                code = 1
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        children[pid] = (slot, time.monotonic())
+
+    def on_signal(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        if stopping:
+            log.warning("cold shutdown: killing %d worker processes", len(children))
+            for pid in children:
+                _kill(pid, signal.SIGKILL)
+            return
+        stopping = True
+        log.warning("warm shutdown: finishing running tasks (signal again to kill them)")
+        for pid in children:
+            _kill(pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    log.warning("celeriac worker %s: %d processes, queues %s, broker %s, results %s",
+                hostname, concurrency, ",".join(queues), app.broker_url, app.result_backend_url)
+    for slot in range(1, concurrency + 1):
+        spawn(slot)
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        slot, started = children.pop(pid)
+        if stopping:
+            continue
+        log.error("worker process %d (Worker-%d) exited with %s; starting a new one",
+                  pid, slot, _describe(status))
+        if time.monotonic() - started < RESPAWN_BACKOFF:
+            time.sleep(RESPAWN_BACKOFF)
+        if not stopping:
+            spawn(slot)
+    return 0
+
+
+def _kill(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+
+
+def _describe(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"signal {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exit code {os.WEXITSTATUS(status)}"
