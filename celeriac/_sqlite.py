@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+import time
 
 from .exceptions import ImproperlyConfigured
 
@@ -31,7 +32,18 @@ def connect(path: str) -> sqlite3.Connection:
     if directory:
         os.makedirs(directory, exist_ok=True)
     conn = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
-    conn.execute("PRAGMA journal_mode=WAL")
+    # Switching a new file to WAL needs an exclusive lock and does not wait on the busy
+    # timeout, so processes opening a fresh file together retry here.
+    deadline = time.monotonic() + 30.0
+    while True:
+        try:
+            if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                conn.execute("PRAGMA journal_mode=WAL")
+            break
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.005)
     conn.execute("PRAGMA synchronous=NORMAL")
     return conn
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from . import states
 from .backends.base import entry_for_user
 from .exceptions import TimeoutError
-from .protocol import exception_from_dict
+from .protocol import check_task_id, exception_from_dict
 
 if TYPE_CHECKING:
     from .app import Celeriac
@@ -28,7 +28,7 @@ class AsyncResult(Generic[R]):
             from .app import current_app
 
             app = current_app()
-        self.id = id
+        self.id = check_task_id(id)
         self.app = app
         self.task_name = task_name
         self._backend = backend

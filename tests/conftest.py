@@ -1,0 +1,104 @@
+"""Shared fixtures: real worker processes started with the ``celeriac`` command."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CELERIAC = [sys.executable, "-m", "celeriac"]
+
+
+class Worker:
+    """A ``celeriac -A <module> worker`` process tree, logging to a file."""
+
+    def __init__(self, cwd: Path, app: str, *args: str, env: dict[str, str] | None = None,
+                 concurrency: int = 2) -> None:
+        self.cwd = cwd
+        self.log_path = cwd / f"worker-{time.monotonic_ns()}.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+        self.proc = subprocess.Popen(
+            [*CELERIAC, "-A", app, "worker", "-c", str(concurrency), "-l", "INFO", *args],
+            cwd=cwd, env=full_env, stdout=self._log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.wait_for_log("celeriac worker")
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for_log(self, text: str, timeout: float = 20.0, count: int = 1) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.log.count(text) >= count:
+                return
+            if self.proc.poll() is not None:
+                raise AssertionError(f"worker exited ({self.proc.returncode}):\n{self.log}")
+            time.sleep(0.05)
+        raise AssertionError(f"{text!r} not seen in worker log within {timeout}s:\n{self.log}")
+
+    def child_pids(self) -> list[int]:
+        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True)
+        return [int(p) for p in out.stdout.split()]
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+                raise AssertionError(f"worker did not stop within {timeout}s:\n{self.log}")
+        self._log.close()
+        return self.proc.returncode
+
+    def kill_all(self) -> None:
+        """SIGKILL the whole process tree at once, as a machine crash would."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self._log.close()
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """An empty project directory, importable and current, with no broker in the environment."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delenv("CELERY_BROKER_URL", raising=False)
+    monkeypatch.delenv("CELERY_RESULT_BACKEND", raising=False)
+    yield tmp_path
+    for name in list(sys.modules):
+        mod = sys.modules[name]
+        if getattr(mod, "__file__", None) and str(tmp_path) in str(mod.__file__):
+            del sys.modules[name]
+
+
+@pytest.fixture
+def workers() -> Iterator[list[Worker]]:
+    """Workers started through this list are stopped (or killed) after the test."""
+    started: list[Worker] = []
+    yield started
+    for w in started:
+        if w.proc.poll() is None:
+            try:
+                w.stop(timeout=15)
+            except AssertionError:
+                pass
+
+
+def write_module(directory: Path, name: str, source: str) -> Path:
+    path = directory / f"{name}.py"
+    path.write_text(textwrap.dedent(source))
+    return path
