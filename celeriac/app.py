@@ -157,7 +157,7 @@ class Celeriac:
         """Register a function as a task: ``@app.task`` or ``@app.task(bind=True, ...)``."""
 
         def register(f: Callable[..., Any]) -> Task[Any, Any]:
-            task_name = name or self.gen_task_name(f.__qualname__, f.__module__)
+            task_name = name or self.gen_task_name(f.__name__, f.__module__)
             task: Task[Any, Any] = Task(self, f, task_name, bind=bind, **options)
             self.tasks[task_name] = task
             return task

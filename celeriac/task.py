@@ -205,12 +205,13 @@ class Task(Generic[P, R]):
         """Store ``state`` (any string; custom states are fine) with ``meta`` for a task.
 
         Inside a worker the write goes through the worker's ordered writer, so it can
-        never be overtaken by the task's own STARTED or final state.
+        never be overtaken by the task's own STARTED or final state.  A task function
+        called directly (``add(2, 3)``) has no id: without ``task_id`` nothing is stored.
         """
         request = _current.get()
         task_id = task_id or (request.id if request else None)
         if task_id is None:
-            raise ValueError("update_state() needs task_id when called outside a task")
+            return
         state = state or states.PENDING
         if request is not None and request.state_sink is not None:
             request.state_sink(task_id, state, meta)

@@ -1,0 +1,230 @@
+"""Helpers shared by the benchmark scripts: processes, /proc, machine facts, the doc."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from importlib import metadata
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOC = os.path.join(REPO, "docs", "BENCHMARKS.md")
+VENV_BIN = os.path.dirname(sys.executable)
+
+
+def tool(name: str) -> str:
+    """A console script of the running interpreter's environment (celery, celeriac)."""
+    path = os.path.join(VENV_BIN, name)
+    return path if os.path.exists(path) else name
+
+
+# ---------------------------------------------------------------------- processes
+
+
+class Started:
+    """A process started in a session of its own, so it and its children stop together."""
+
+    def __init__(self, argv: list[str], *, cwd: str, env: dict[str, str], log_path: str) -> None:
+        self.argv = argv
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=self._log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, grace: float = 20.0) -> None:
+        """SIGTERM (a warm shutdown), then SIGKILL the whole process group after ``grace`` s."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                pass
+        # children left behind (or a main process that did not exit) share its group id
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(5)
+        self._log.close()
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            with open(self.log_path, encoding="utf-8", errors="replace") as f:
+                return "".join(f.readlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # the command name is in parentheses and may hold spaces: split after it
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        todo.extend(children.get(p, []))
+    return found
+
+
+def rss_mb(pid: int) -> tuple[float, int]:
+    """Summed VmRSS (MB) of ``pid`` and its descendants, and how many processes that is."""
+    total_kb, count = 0, 0
+    for p in descendants(pid):
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total_kb += int(line.split()[1])
+                        count += 1
+                        break
+        except OSError:
+            continue
+    return total_kb / 1024, count
+
+
+def wait_until(predicate, timeout: float, step: float = 0.05) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return bool(predicate())
+
+
+# ---------------------------------------------------------------------- machine
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def machine() -> dict[str, str]:
+    cpu = platform.processor() or "?"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem = "?"
+    with contextlib.suppress(OSError), open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                mem = f"{int(line.split()[1]) / 1024 / 1024:.1f} GB"
+                break
+    return {
+        "nproc": str(len(os.sched_getaffinity(0))),
+        "cpu": cpu,
+        "memory": mem,
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "sqlite": sqlite3.sqlite_version,
+        "celeriac": _version("celeriac"),
+        "celery": _version("celery"),
+        "kombu": _version("kombu"),
+        "sqlalchemy": _version("sqlalchemy"),
+    }
+
+
+def machine_line(keys: tuple[str, ...]) -> str:
+    m = machine()
+    return (f"{m['nproc']} CPUs ({m['cpu']}), {m['memory']} RAM, Linux {m['kernel']}, "
+            f"Python {m['python']}; " + ", ".join(f"{k} {m[k]}" for k in keys))
+
+
+def today() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def command_line() -> str:
+    script = os.path.relpath(os.path.abspath(sys.argv[0]), REPO)
+    return " ".join([".venv/bin/python", script, *sys.argv[1:]])
+
+
+# ---------------------------------------------------------------------- the doc
+
+
+DOC_HEADER = """# Benchmarks
+
+The scripts in `benchmarks/` run celeriac and Celery 5.7 side by side, in the same run and
+on the same kind of store, and report ratios.  Worker start-up is never timed: each script
+starts the workers, waits until they answer a warm-up task, then measures.  Every store
+file lives in a temporary directory of its own, removed at the end.
+
+Run them from the repository root (the `bench` extra installs SQLAlchemy, which Celery's
+SQLite broker and result backend need):
+
+    .venv/bin/pip install -e '.[test,bench]'
+    .venv/bin/python benchmarks/embedded.py --write
+    .venv/bin/python benchmarks/file_backend_race.py --write
+
+`--write` replaces the script's own section below; without it the table is only printed.
+The figures below are from one 2-core development machine: compare the ratios, not the
+absolute numbers, across machines.
+
+"""
+
+
+def write_section(name: str, body: str) -> None:
+    """Put ``body`` between ``<!-- name:start -->`` and ``<!-- name:end -->`` in the doc."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    block = f"{start}\n{body.strip()}\n{end}"
+    try:
+        with open(DOC, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        text = DOC_HEADER
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
+    if pattern.search(text):
+        text = pattern.sub(lambda _m: block, text)
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    os.makedirs(os.path.dirname(DOC), exist_ok=True)
+    with open(DOC, "w", encoding="utf-8") as f:
+        f.write(text)
+    print(f"wrote section {name!r} of {os.path.relpath(DOC, REPO)}")
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join(" --- " if i == 0 else " ---: " for i in range(len(header))) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def plain_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    out = []
+    for j, r in enumerate([header, *rows]):
+        out.append("  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
+                             for i, (c, w) in enumerate(zip(r, widths, strict=True))))
+        if j == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)

@@ -1,0 +1,131 @@
+"""The app: settings, defaults, task naming, eager mode, AsyncResult identity."""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+
+import pytest
+
+from celeriac import AsyncResult, Celery, states
+from celeriac.conf import _warned
+from celeriac.exceptions import ContentDisallowed
+
+from .conftest import Worker, write_module
+
+
+def test_celery_setting_names_and_unknown_warnings():
+    _warned.clear()
+    app = Celery("t", broker="memory://", task_track_started=True)
+    assert app.conf.task_track_started is True
+    assert app.conf.task_default_queue == "celery" and app.conf.worker_prefetch_multiplier == 4
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        app.conf.update(worker_max_tasks_per_child=10, totally_made_up=1)
+        app.conf.update(totally_made_up=2)
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 2
+    assert "'worker_max_tasks_per_child' is a Celery setting celeriac does not implement" \
+        in messages[0]
+    assert "unknown setting 'totally_made_up'" in messages[1]
+
+
+def test_config_from_object_with_namespace(project):
+    write_module(project, "settings", """
+        CELERY_BROKER_URL = 'memory://ns'
+        CELERY_TASK_ALWAYS_EAGER = True
+        OTHER = 1
+    """)
+    app = Celery("t")
+    app.config_from_object("settings", namespace="CELERY")
+    assert app.conf.broker_url == "memory://ns" and app.conf.task_always_eager is True
+    assert "other" not in app.conf
+
+
+def test_default_broker_and_backend_rule(project, monkeypatch):
+    app = Celery("t")
+    assert app.broker_url == "sqlite:///celeriac.db"
+    assert app.result_backend_url == "sqlite:///celeriac.db"
+    assert Celery("t", broker="memory://x").result_backend_url == "memory://"
+    file_app = Celery("t", backend="file:///tmp/x")
+    assert file_app.result_backend_url == "file:///tmp/x"
+    monkeypatch.setenv("CELERY_BROKER_URL", "sqlite:///other.db")
+    assert Celery("t", broker="sqlite:///ignored.db").broker_url == "sqlite:///other.db"
+
+
+def test_task_names_follow_celery():
+    app = Celery("proj", broker="memory://")
+
+    @app.task
+    def plain():
+        pass
+
+    @app.task(name="custom.name")
+    def named():
+        pass
+
+    assert plain.name == f"{__name__}.plain"
+    assert named.name == "custom.name" and app.tasks["custom.name"] is named
+    assert app.gen_task_name("f", "__main__") == "proj.f"
+    with pytest.raises(TypeError, match="unknown task option 'retry_forever'"):
+        app.task(retry_forever=True)(lambda: None)
+
+
+def test_calling_a_task_runs_it_inline_and_eager_mode():
+    app = Celery("t", broker="memory://", task_always_eager=True)
+
+    @app.task(bind=True)
+    def mul(self, x, y):
+        self.update_state(state="HALFWAY", meta={"x": x})
+        return x * y
+
+    @app.task
+    async def amul(x, y):
+        return x * y
+
+    assert mul(3, 4) == 12
+    r = mul.delay(3, 4)
+    assert r.get() == 12 and r.state == states.SUCCESS and r.successful()
+    assert [h["state"] for h in r.history] == ["PENDING", "STARTED", "HALFWAY", "SUCCESS"]
+    assert amul.delay(2, 5).get() == 10
+    bad = mul.delay(1, None)
+    assert bad.state == states.FAILURE and isinstance(bad.result, TypeError)
+    with pytest.raises(TypeError):
+        bad.get()
+
+
+def test_get_inside_a_task_is_refused():
+    app = Celery("t", broker="memory://", task_always_eager=True)
+
+    @app.task
+    def waits():
+        return AsyncResult("some-id", app=app).get(timeout=1)
+
+    r = waits.delay()
+    assert r.state == states.FAILURE and isinstance(r.result, RuntimeError)
+    assert "Never call result.get() within a task" in str(r.result)
+
+
+def test_async_result_identity():
+    app = Celery("t", broker="memory://")
+    r = app.AsyncResult("abc-1")
+    assert repr(r) == "<AsyncResult: abc-1>" and str(r) == "abc-1"
+    assert r == "abc-1" and r == AsyncResult("abc-1", app=app) and r != "abc-2"
+    assert len({r, AsyncResult("abc-1", app=app)}) == 1
+
+
+def test_pickle_only_when_accepted(project, workers):
+    write_module(project, "ptasks", """
+        from celeriac import Celery
+        app = Celery('ptasks')
+
+        @app.task
+        def echo(x):
+            return x
+    """)
+    mod = importlib.import_module("ptasks")
+    workers.append(Worker(project, "ptasks", concurrency=1))
+    r = mod.echo.apply_async(({1, 2},), serializer="pickle")
+    with pytest.raises(ContentDisallowed, match="application/x-python-serialize"):
+        r.get(timeout=10)
+    assert mod.echo.delay(5).get(timeout=10) == 5

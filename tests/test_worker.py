@@ -1,0 +1,211 @@
+"""The worker with real processes on the embedded broker: async tasks, bad messages,
+shutdown, process replacement, leases, queues."""
+
+from __future__ import annotations
+
+import base64
+import importlib
+import json
+import os
+import signal
+import sqlite3
+import time
+
+import pytest
+
+from celeriac import states
+from celeriac.exceptions import DecodeError, NotRegistered
+from celeriac.protocol import new_id
+
+from .conftest import Worker, write_module
+
+TASKS = """
+import asyncio, os, time
+from celeriac import Celery
+
+app = Celery('tasks')
+app.conf.update(task_track_started=True,
+                broker_transport_options={'visibility_timeout': float(os.environ.get('LEASE', 30))})
+
+@app.task
+def add(x, y):
+    return x + y
+
+@app.task
+def sleepy(seconds, tag=None):
+    time.sleep(seconds)
+    return tag
+
+@app.task(acks_late=True)
+def sleepy_late(seconds, tag=None):
+    time.sleep(seconds)
+    return tag
+
+@app.task(bind=True)
+async def async_add(self, x, y):
+    self.update_state(state='AWAITING', meta={'x': x})
+    await asyncio.sleep(0.2)
+    return {'sum': x + y, 'id': self.request.id}
+
+@app.task
+def whoami():
+    return os.getpid()
+
+@app.task
+def unserializable_result():
+    return object()
+
+@app.task(queue='other')
+def routed():
+    return 'other'
+"""
+
+
+@pytest.fixture
+def tasks(project):
+    write_module(project, "tasks", TASKS)
+    return importlib.import_module("tasks")
+
+
+def _db(project):
+    return sqlite3.connect(project / "celeriac.db")
+
+
+def test_async_task_runs_on_the_loop(tasks, project, workers):
+    workers.append(Worker(project, "tasks", concurrency=1))
+    rs = [tasks.async_add.delay(i, 1) for i in range(8)]
+    started = time.monotonic()
+    out = [r.get(timeout=10) for r in rs]
+    # eight 0.2 s coroutines in one process overlap (prefetch 4): well under 8 x 0.2 s
+    assert time.monotonic() - started < 1.2
+    assert [o["sum"] for o in out] == [i + 1 for i in range(8)]
+    assert out[0]["id"] == rs[0].id
+    assert "AWAITING" in [h["state"] for h in rs[0].history]
+    assert rs[0].history[-1]["state"] == states.SUCCESS
+
+
+def test_unknown_task_fails_and_worker_goes_on(tasks, project, workers):
+    w = Worker(project, "tasks")
+    workers.append(w)
+    r = tasks.app.send_task("tasks.does_not_exist", (1,))
+    with pytest.raises(NotRegistered, match="tasks.does_not_exist"):
+        r.get(timeout=10)
+    assert r.state == states.FAILURE
+    assert tasks.add.delay(1, 2).get(timeout=10) == 3
+    assert "Received unregistered task of type 'tasks.does_not_exist'" in w.log
+    dead = _db(project).execute("SELECT reason FROM celeriac_dead_letters").fetchall()
+    assert dead == [("unregistered task 'tasks.does_not_exist'",)]
+
+
+def test_malformed_messages_are_set_aside(tasks, project, workers):
+    tasks.add.delay(0, 0).forget()  # creates the database
+    good_id = new_id()
+    envelope = {
+        "body": base64.b64encode(b"[[1], {}, not json").decode(),
+        "content-encoding": "utf-8", "content-type": "application/json",
+        "headers": {"lang": "py", "task": "tasks.add", "id": good_id},
+        "properties": {"body_encoding": "base64", "correlation_id": good_id},
+    }
+    with _db(project) as db:
+        db.execute("INSERT INTO celeriac_messages (queue, priority, visible_at, payload) "
+                   "VALUES ('celery', 0, 0, ?)", (b"\x00 definitely not an envelope",))
+        db.execute("INSERT INTO celeriac_messages (queue, priority, visible_at, payload) "
+                   "VALUES ('celery', 0, 0, ?)", (json.dumps(envelope).encode(),))
+    w = Worker(project, "tasks")
+    workers.append(w)
+    r = tasks.app.AsyncResult(good_id)
+    with pytest.raises(DecodeError, match="cannot decode application/json"):
+        r.get(timeout=10)
+    assert tasks.add.delay(2, 2).get(timeout=10) == 4  # still working
+    reasons = [x for (x,) in _db(project).execute(
+        "SELECT reason FROM celeriac_dead_letters ORDER BY id")]
+    assert len(reasons) == 2
+    assert all(reason.startswith("malformed message") for reason in reasons)
+    left = _db(project).execute("SELECT count(*) FROM celeriac_messages").fetchone()[0]
+    assert left == 0
+
+
+def test_unserializable_result_becomes_a_clear_failure(tasks, project, workers):
+    workers.append(Worker(project, "tasks"))
+    r = tasks.unserializable_result.delay()
+    with pytest.raises(Exception, match="result of task tasks.unserializable_result cannot"):
+        r.get(timeout=10)
+
+
+def test_sigterm_finishes_running_tasks_and_loses_nothing(tasks, project, workers):
+    w = Worker(project, "tasks", concurrency=1)
+    workers.append(w)
+    running = tasks.sleepy.delay(1.5, "running")
+    waiting = [tasks.sleepy.delay(0.01, f"w{i}") for i in range(6)]
+    deadline = time.monotonic() + 10
+    while running.state != states.STARTED and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert running.state == states.STARTED
+    assert w.stop(signal.SIGTERM) == 0
+    assert running.state == states.SUCCESS and running.result == "running"
+    # whatever the stopped worker had prefetched went back; a new worker runs it all
+    workers.append(Worker(project, "tasks"))
+    assert [r.get(timeout=10) for r in waiting] == [f"w{i}" for i in range(6)]
+
+
+def test_a_dead_worker_process_is_replaced(tasks, project, workers):
+    w = Worker(project, "tasks", concurrency=2)
+    workers.append(w)
+    pids = w.child_pids()
+    assert len(pids) == 2
+    os.kill(pids[0], signal.SIGKILL)
+    w.wait_for_log("exited with signal SIGKILL; starting a new one")
+    deadline = time.monotonic() + 10
+    while (len(w.child_pids()) != 2 or pids[0] in w.child_pids()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    new = w.child_pids()
+    assert len(new) == 2 and pids[0] not in new
+    seen = {tasks.whoami.delay().get(timeout=10) for _ in range(20)}
+    assert seen <= set(new)
+
+
+def test_message_of_a_killed_worker_is_delivered_again_after_its_lease(tasks, project, workers,
+                                                                      monkeypatch):
+    env = {"LEASE": "1.5"}
+    w = Worker(project, "tasks", concurrency=1, env=env)
+    r = tasks.sleepy_late.delay(1.0, "survived")
+    deadline = time.monotonic() + 10
+    while r.state != states.STARTED and time.monotonic() < deadline:
+        time.sleep(0.01)
+    w.kill_all()  # the whole machine "dies" mid-task: no ack, no shutdown
+    assert r.state == states.STARTED
+    workers.append(Worker(project, "tasks", concurrency=1, env=env))
+    assert r.get(timeout=15) == "survived"
+    hist = [h["state"] for h in r.history]
+    assert hist.count(states.RECEIVED) == 2 and hist[-1] == states.SUCCESS
+
+
+def test_queues_are_separate_and_fifo(tasks, project, workers):
+    other = [tasks.routed.delay() for _ in range(3)]
+    ordered = [tasks.sleepy.delay(0, i) for i in range(30)]
+    workers.append(Worker(project, "tasks", "-Q", "celery", concurrency=1))
+    assert [r.get(timeout=10) for r in ordered] == list(range(30))
+    done_at = [r.history[-1]["timestamp"] for r in ordered]
+    assert done_at == sorted(done_at)  # one process, one queue: first in, first done
+    assert all(r.state == states.PENDING for r in other)
+    workers.append(Worker(project, "tasks", "-Q", "other", concurrency=1))
+    assert [r.get(timeout=10) for r in other] == ["other"] * 3
+
+
+def _produce(n: int, offset: int) -> list[str]:
+    tasks = importlib.import_module("tasks")
+    return [tasks.add.delay(offset, i).id for i in range(n)]
+
+
+def test_several_producers_and_workers_at_once(tasks, project, workers):
+    import multiprocessing
+
+    workers.append(Worker(project, "tasks", concurrency=2))
+    workers.append(Worker(project, "tasks", "-n", "second@%h", concurrency=1))
+    with multiprocessing.get_context("fork").Pool(3) as pool:
+        batches = pool.starmap(_produce, [(100, 1000 * k) for k in range(3)])
+    for k, ids in enumerate(batches):
+        assert [tasks.app.AsyncResult(i).get(timeout=30) for i in ids] == [
+            1000 * k + i for i in range(100)]
+    hosts = {tasks.app.AsyncResult(i).history[-1]["hostname"] for ids in batches for i in ids}
+    assert hosts == {"celery@" + os.uname().nodename, "second@" + os.uname().nodename}
