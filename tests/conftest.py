@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -92,10 +93,8 @@ def workers() -> Iterator[list[Worker]]:
     yield started
     for w in started:
         if w.proc.poll() is None:
-            try:
+            with contextlib.suppress(AssertionError):
                 w.stop(timeout=15)
-            except AssertionError:
-                pass
 
 
 def write_module(directory: Path, name: str, source: str) -> Path:

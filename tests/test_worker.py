@@ -209,3 +209,16 @@ def test_several_producers_and_workers_at_once(tasks, project, workers):
             1000 * k + i for i in range(100)]
     hosts = {tasks.app.AsyncResult(i).history[-1]["hostname"] for ids in batches for i in ids}
     assert hosts == {"celery@" + os.uname().nodename, "second@" + os.uname().nodename}
+
+
+def test_long_tasks_spread_over_processes(tasks, project, workers):
+    """A process busy with a long task hands its prefetched messages back to idle ones."""
+    from collections import Counter
+
+    rs = [tasks.sleepy.delay(1.0, i) for i in range(4)]
+    workers.append(Worker(project, "tasks", concurrency=2))
+    assert [r.get(timeout=20) for r in rs] == [0, 1, 2, 3]
+    pids = Counter(r.history[-1]["pid"] for r in rs)
+    assert sorted(pids.values()) == [2, 2]
+    for r in rs:
+        assert [h["state"] for h in r.history].count(states.STARTED) == 1

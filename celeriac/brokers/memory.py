@@ -102,7 +102,7 @@ class MemoryConsumer(Consumer):
         with self.store.lock:
             if requeue:
                 message.redelivered = True
-                self.store.queues.setdefault(message.queue, deque()).appendleft(message)
+                _put_back(self.store.queues.setdefault(message.queue, deque()), message)
             else:
                 self.store.dead.append((message, reason))
         self.store.notify()
@@ -111,6 +111,15 @@ class MemoryConsumer(Consumer):
         with self.store.lock:
             for m in self.held.values():
                 m.redelivered = True
-                self.store.queues.setdefault(m.queue, deque()).appendleft(m)
+                _put_back(self.store.queues.setdefault(m.queue, deque()), m)
         self.held.clear()
         self.store.notify()
+
+
+def _put_back(queue: deque[Message], message: Message) -> None:
+    """Return a message to its place: queues stay in publish (tag) order."""
+    for i, waiting in enumerate(queue):
+        if waiting.tag > message.tag:
+            queue.insert(i, message)
+            return
+    queue.append(message)

@@ -32,6 +32,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("celeriac.worker")
 
+#: A ``def`` task that cannot start within this many seconds (the process's task thread
+#: is busy) is handed back to the queue for another process, and this process stops
+#: fetching until its thread is free.  Short tasks never wait this long.
+HAND_BACK_AFTER = 0.05
 #: How long a failing backend or broker write is retried before it is given up (seconds).
 WRITE_RETRY_DELAYS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8)
 
@@ -120,6 +124,7 @@ class WorkerProcess:
         self._running: set[asyncio.Task[None]] = set()
         self._slot_free = asyncio.Event()
         self._sync_slot = asyncio.Semaphore(1)
+        self._paused = False  # handed a message back: fetch nothing until the thread is free
         self._started: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ main loop
@@ -137,7 +142,7 @@ class WorkerProcess:
         try:
             while not self.stopping.is_set():
                 room = self.prefetch - len(self._running)
-                if room <= 0:
+                if room <= 0 or self._paused:
                     self._slot_free.clear()
                     slot = loop.create_task(self._slot_free.wait())
                     await asyncio.wait({slot, stop}, return_when=first)
@@ -191,14 +196,9 @@ class WorkerProcess:
                                   NotRegistered(call.name), task_id=call.id)
             return
         request = self._request(call, task)
-        info = request.info()
         ignore = bool(request.ignore_result or task._option("ignore_result"))
-        if not ignore:
-            self.writer.record(Record(call.id, history_entry(
-                states.RECEIVED, None, hostname=self.hostname)))
-        log.info("Task %s[%s] received", call.name, call.id)
-
         if self._expired(call):
+            self.writer.ack(message)
             await self._finish(task, call, request, Outcome(
                 states.REVOKED, TaskRevokedError("expired"), None, 0.0), ignore=False)
             log.info("Task %s[%s] expired: revoked", call.name, call.id)
@@ -212,14 +212,30 @@ class WorkerProcess:
             ctx.run(_current.set, request)
             outcome = await asyncio.create_task(execute_async(task, request), context=ctx)
         else:
-            async with self._sync_slot:
+            if not await self._take_sync_slot():
+                # Busy with a long task: let an idle process have it (it keeps its place).
+                await self.consumer.reject(message, requeue=True, reason="process busy")
+                return
+            try:
                 self._start(message, call, task, request, acks_late, ignore)
                 outcome = await self.loop.run_in_executor(
                     self.task_thread, execute_sync, task, request)
-        del info
+            finally:
+                self._sync_slot.release()
+                self._paused = False
+                self._slot_free.set()
         await self._finish(task, call, request, outcome, ignore=ignore)
         if acks_late:
             self.writer.ack(message)
+
+    async def _take_sync_slot(self) -> bool:
+        """The task thread, if it frees up soon; False (and stop fetching) if it does not."""
+        try:
+            await asyncio.wait_for(self._sync_slot.acquire(), HAND_BACK_AFTER)
+            return True
+        except TimeoutError:
+            self._paused = True
+            return False
 
     def _start(self, message: Message, call: TaskCall, task: Task[Any, Any], request: Request,
                acks_late: bool, ignore: bool) -> None:
@@ -227,6 +243,10 @@ class WorkerProcess:
         if me is not None:
             self._started.add(me)
             me.add_done_callback(self._started.discard)
+        if not ignore:
+            self.writer.record(Record(call.id, history_entry(
+                states.RECEIVED, None, hostname=self.hostname)))
+        log.info("Task %s[%s] received", call.name, call.id)
         if not acks_late:
             self.writer.ack(message)
         if not ignore and task._option("track_started"):
