@@ -60,7 +60,8 @@ class Worker:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
-                raise AssertionError(f"worker did not stop within {timeout}s:\n{self.log}")
+                message = f"worker did not stop within {timeout}s:\n{self.log}"
+                raise AssertionError(message) from None
         self._log.close()
         return self.proc.returncode
 

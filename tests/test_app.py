@@ -129,3 +129,27 @@ def test_pickle_only_when_accepted(project, workers):
     with pytest.raises(ContentDisallowed, match="application/x-python-serialize"):
         r.get(timeout=10)
     assert mod.echo.delay(5).get(timeout=10) == 5
+
+
+def test_memory_broker_with_an_in_process_worker():
+    from celeriac.testing import start_worker
+
+    app = Celery("mem", broker="memory://in-process-test")
+
+    @app.task(bind=True)
+    def add(self, x, y):
+        self.update_state(state="ADDING")
+        return x + y
+
+    @app.task
+    async def aadd(x, y):
+        return x + y
+
+    pending = add.delay(1, 1)
+    with start_worker(app):
+        assert add.delay(2, 3).get(timeout=5) == 5
+        assert aadd.delay(4, 4).get(timeout=5) == 8
+        assert pending.get(timeout=5) == 2
+    assert [h["state"] for h in pending.history] == ["PENDING", "RECEIVED", "ADDING", "SUCCESS"]
+    after = add.delay(0, 0)
+    assert after.state == states.PENDING  # no worker any more: it waits

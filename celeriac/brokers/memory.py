@@ -25,8 +25,12 @@ class _Store:
         self.tags = itertools.count(1)
 
     def notify(self) -> None:
-        for loop, event in list(self.waiters):
-            loop.call_soon_threadsafe(event.set)
+        for waiter in list(self.waiters):
+            loop, event = waiter
+            if loop.is_closed():
+                self.waiters.discard(waiter)
+            else:
+                loop.call_soon_threadsafe(event.set)
 
 
 _stores: dict[str, _Store] = {}

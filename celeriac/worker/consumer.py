@@ -152,6 +152,7 @@ class WorkerProcess:
                 await asyncio.wait({getter, stop}, return_when=first)
                 if not getter.done():
                     getter.cancel()  # what it may have taken is released by consumer.close()
+                    await asyncio.gather(getter, return_exceptions=True)
                     continue
                 for message in getter.result():
                     t = loop.create_task(self.handle(message))
