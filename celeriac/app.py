@@ -11,6 +11,7 @@ from zoneinfo import ZoneInfo
 
 from . import states
 from .backends import Backend, backend_from_url
+from .backends.base import Record, history_entry
 from .brokers import Broker, broker_from_url
 from .conf import Settings, settings_from_object
 from .protocol import build_task_message, new_id, origin_name
@@ -199,11 +200,12 @@ class Celeriac:
             ignore_result=ignore_result,
             priority=priority if priority is not None else conf.task_default_priority,
         )
-        if not ignore_result:
-            backend = self.backend
-            backend.append_history(task_id, states.PENDING, {"task": name, "queue": queue},
-                                   hostname=origin_name())
-        self.broker.publish(message)
+        if ignore_result:
+            self.broker.publish(message)
+        else:
+            sent = Record(task_id, history_entry(states.PENDING, {"task": name, "queue": queue},
+                                                 hostname=origin_name()))
+            self.broker.publish_after(self.backend, [sent], message)
         return AsyncResult(task_id, app=self, task_name=name)
 
     def AsyncResult(self, task_id: str) -> AsyncResult[Any]:  # noqa: N802 - Celery's name

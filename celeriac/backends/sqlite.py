@@ -19,12 +19,12 @@ import json
 import threading
 import time
 from collections.abc import Sequence
+from sqlite3 import Connection
 from typing import TYPE_CHECKING, Any
 
 from .. import serialization, states
-from .._sqlite import ThreadConnections, path_from_url
+from .._sqlite import ThreadConnections, path_from_url, retry_busy, write_transaction
 from ..bell import Bell, Listener, bell_dir
-from ..brokers.sqlite import write_transaction
 from ..protocol import check_task_id
 from .base import Backend, Record
 
@@ -78,37 +78,48 @@ class SQLiteBackend(Backend):
         self._local = threading.local()
 
     def _get(self, task_id: str) -> bytes | None:
-        row = self.connections.get().execute(
-            "SELECT meta FROM celeriac_task_meta WHERE task_id = ?", (task_id,)
-        ).fetchone()
+        row = retry_busy(self._one, "SELECT meta FROM celeriac_task_meta WHERE task_id = ?",
+                         (task_id,))
         return None if row is None else bytes(row[0])
 
     def record(self, records: Sequence[Record]) -> list[bool]:
         conn = self.connections.get()
-        applied: list[bool] = []
         with write_transaction(conn):
-            for r in records:
-                if r.state is not None:
-                    cur = conn.execute(_UPSERT, (r.task_id, r.state, r.payload, time.time()))
-                    if cur.rowcount == 0:
-                        applied.append(False)
-                        continue
-                e = r.entry
-                meta = None if e["meta"] is None else serialization.json_dumps_lenient(e["meta"])
-                conn.execute(_APPEND, (r.task_id, e["state"], e["timestamp"], e["hostname"],
-                                       e["pid"], meta))
-                applied.append(True)
+            applied = self.apply(conn, records)
+        self.after_commit(records)
+        return applied
+
+    def apply(self, conn: Connection, records: Sequence[Record]) -> list[bool]:
+        """The statements of :meth:`record`, inside a transaction the caller holds (the
+        embedded broker uses this to write results and acks in one transaction).  Call
+        :meth:`ensure_tables` before that transaction begins."""
+        applied: list[bool] = []
+        for r in records:
+            if r.state is not None:
+                cur = conn.execute(_UPSERT, (r.task_id, r.state, r.payload, time.time()))
+                if cur.rowcount == 0:
+                    applied.append(False)
+                    continue
+            e = r.entry
+            meta = None if e["meta"] is None else serialization.json_dumps_lenient(e["meta"])
+            conn.execute(_APPEND, (r.task_id, e["state"], e["timestamp"], e["hostname"],
+                                   e["pid"], meta))
+            applied.append(True)
+        return applied
+
+    def ensure_tables(self) -> None:
+        self.connections.get()  # a thread's first connection creates the tables
+
+    def after_commit(self, records: Sequence[Record]) -> None:
+        """Wake waiters once states are committed."""
         if any(r.state is not None for r in records):
             if self._bell is None:
                 self._bell = Bell(self._bell_dir)
             self._bell.ring()
-        return applied
 
     def history(self, task_id: str) -> list[dict[str, Any]]:
-        rows = self.connections.get().execute(
-            "SELECT state, timestamp, hostname, pid, meta FROM celeriac_task_history "
-            "WHERE task_id = ? ORDER BY seq", (task_id,),
-        )
+        rows = retry_busy(self._all, "SELECT state, timestamp, hostname, pid, meta "
+                          "FROM celeriac_task_history WHERE task_id = ? ORDER BY seq", (task_id,))
         return [
             {"state": s, "timestamp": ts, "hostname": h, "pid": p,
              "meta": None if m is None else json.loads(m)}
@@ -123,12 +134,16 @@ class SQLiteBackend(Backend):
             conn.execute("DELETE FROM celeriac_task_history WHERE task_id = ?", (task_id,))
 
     def exists(self, task_id: str) -> bool:
-        conn = self.connections.get()
-        row = conn.execute(
-            "SELECT 1 FROM celeriac_task_meta WHERE task_id = ? UNION ALL "
-            "SELECT 1 FROM celeriac_task_history WHERE task_id = ? LIMIT 1", (task_id, task_id),
-        ).fetchone()
+        row = retry_busy(self._one, "SELECT 1 FROM celeriac_task_meta WHERE task_id = ? UNION ALL "
+                         "SELECT 1 FROM celeriac_task_history WHERE task_id = ? LIMIT 1",
+                         (task_id, task_id))
         return row is not None
+
+    def _one(self, sql: str, params: tuple[Any, ...]) -> Any:
+        return self.connections.get().execute(sql, params).fetchone()
+
+    def _all(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
+        return self.connections.get().execute(sql, params).fetchall()
 
     def _wait_for_change(self, task_id: str, timeout: float, attempt: int) -> None:
         listener: Listener | None = getattr(self._local, "listener", None)

@@ -11,10 +11,16 @@ delivered again (after a lease lapses, or when the connection drops).
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from concurrent.futures import Executor
+from typing import TYPE_CHECKING
 
 from ..protocol import Message
+
+if TYPE_CHECKING:
+    from ..backends.base import Backend, Record
 
 
 class Consumer(ABC):
@@ -36,6 +42,17 @@ class Consumer(ABC):
     async def close(self) -> None:
         """Stop consuming; messages not acked become available to others again."""
 
+    async def settle(self, backend: Backend, records: Sequence[Record],
+                     acks: Sequence[Message], io: Executor) -> None:
+        """Write ``records`` to the result backend (on the ``io`` thread), then ack ``acks``.
+
+        A consumer whose broker shares a store with the backend may do both at once.
+        """
+        if records:
+            await asyncio.get_running_loop().run_in_executor(io, backend.record, records)
+        if acks:
+            await self.ack(acks)
+
 
 class Broker(ABC):
     #: the URL it was opened with
@@ -45,13 +62,23 @@ class Broker(ABC):
     def publish(self, message: Message) -> None:
         """Put ``message`` on ``message.queue``; returns once the broker has it."""
 
+    def publish_after(self, backend: Backend, records: Sequence[Record],
+                      message: Message) -> None:
+        """Write ``records`` (the task's "sent" history) to ``backend``, then publish.
+
+        A broker that shares a store with the backend may do both in one transaction.
+        """
+        backend.record(records)
+        self.publish(message)
+
     @abstractmethod
     def purge(self, queues: Sequence[str]) -> int:
         """Delete every waiting message in ``queues``; returns how many."""
 
     @abstractmethod
-    def consumer(self, queues: Sequence[str], *, name: str) -> Consumer:
-        """A consumer for one worker process (``name`` identifies it)."""
+    def consumer(self, queues: Sequence[str], *, name: str, io: Executor) -> Consumer:
+        """A consumer for one worker process (``name`` identifies it).  ``io`` is the
+        process's thread for blocking calls; a consumer with blocking I/O uses it."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections held by this process."""

@@ -11,6 +11,7 @@ import itertools
 import threading
 from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import Executor
 
 from ..protocol import Message
 from .base import Broker, Consumer
@@ -60,7 +61,7 @@ class MemoryBroker(Broker):
                 count += len(self.store.queues.pop(q, ()))
         return count
 
-    def consumer(self, queues: Sequence[str], *, name: str) -> Consumer:
+    def consumer(self, queues: Sequence[str], *, name: str, io: Executor) -> Consumer:
         return MemoryConsumer(self.store, list(queues))
 
 

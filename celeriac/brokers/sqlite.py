@@ -20,16 +20,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 import time
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
 from datetime import datetime
-from sqlite3 import Connection
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from .._sqlite import ThreadConnections, path_from_url
+from .._sqlite import (
+    ThreadConnections,
+    is_busy,
+    lock_pauses,
+    path_from_url,
+    retry_busy,
+    write_transaction,
+)
 from ..bell import Bell, Listener, bell_dir
 from ..protocol import Message, decode_envelope, encode_envelope
 from .base import Broker, Consumer
+
+if TYPE_CHECKING:
+    from ..backends.base import Backend, Record
+    from ..backends.sqlite import SQLiteBackend
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS celeriac_messages (
@@ -52,21 +64,14 @@ CREATE TABLE IF NOT EXISTS celeriac_dead_letters (
 );
 """
 
+T = TypeVar("T")
+_INSERT = ("INSERT INTO celeriac_messages (queue, priority, visible_at, payload) "
+           "VALUES (?, ?, ?, ?)")
+
 #: Default lease: how long a message stays with a consumer that stopped renewing it.
 DEFAULT_VISIBILITY_TIMEOUT = 30.0
 #: Idle consumers re-check this often even without a ring (lapsed leases, lost rings).
 IDLE_RECHECK = 1.0
-
-
-@contextlib.contextmanager
-def write_transaction(conn: Connection) -> Iterator[Connection]:
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield conn
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
 
 
 class SQLiteBroker(Broker):
@@ -87,34 +92,49 @@ class SQLiteBroker(Broker):
             self._bell = Bell(self.bell_dir)
         return self._bell
 
-    def publish(self, message: Message) -> None:
+    def _row(self, message: Message) -> tuple[str, int, float, bytes]:
         priority = int(message.properties.get("priority") or 0)
         eta = message.headers.get("eta")
         visible_at = datetime.fromisoformat(eta).timestamp() if eta else time.time()
-        self.connections.get().execute(
-            "INSERT INTO celeriac_messages (queue, priority, visible_at, payload) "
-            "VALUES (?, ?, ?, ?)",
-            (message.queue, priority, visible_at, encode_envelope(message)),
-        )
+        return (message.queue, priority, visible_at, encode_envelope(message))
+
+    def publish(self, message: Message) -> None:
+        retry_busy(self.connections.get().execute, _INSERT, self._row(message))
+        self.bell.ring()
+
+    def publish_after(self, backend: Backend, records: Sequence[Record],
+                      message: Message) -> None:
+        from ..backends.sqlite import SQLiteBackend
+
+        if not (isinstance(backend, SQLiteBackend) and backend.path == self.path):
+            super().publish_after(backend, records, message)
+            return
+        row = self._row(message)
+        backend.ensure_tables()
+        conn = self.connections.get()
+        with write_transaction(conn):  # one file: history and message in one transaction
+            backend.apply(conn, records)
+            conn.execute(_INSERT, row)
+        backend.after_commit(records)
         self.bell.ring()
 
     def purge(self, queues: Sequence[str]) -> int:
         marks = ",".join("?" * len(queues))
-        cur = self.connections.get().execute(
+        cur = retry_busy(
+            self.connections.get().execute,
             f"DELETE FROM celeriac_messages WHERE owner IS NULL AND queue IN ({marks})",
             tuple(queues),
         )
         return cur.rowcount
 
-    def consumer(self, queues: Sequence[str], *, name: str) -> Consumer:
-        return SQLiteConsumer(self, list(queues), name)
+    def consumer(self, queues: Sequence[str], *, name: str, io: Executor) -> Consumer:
+        return SQLiteConsumer(self, list(queues), name, io)
 
     def dead_letters(self) -> list[tuple[str, str, bytes]]:
         """(queue, reason, payload) of every message set aside, oldest first."""
-        rows = self.connections.get().execute(
-            "SELECT queue, reason, payload FROM celeriac_dead_letters ORDER BY id"
-        )
-        return list(rows)
+        conn = self.connections.get()
+        sql = "SELECT queue, reason, payload FROM celeriac_dead_letters ORDER BY id"
+        return retry_busy(lambda: conn.execute(sql).fetchall())
 
     def close(self) -> None:
         self.connections.close()
@@ -124,14 +144,15 @@ class SQLiteBroker(Broker):
 
 
 class SQLiteConsumer(Consumer):
-    """Runs every SQLite call on one thread of its own, off the worker's event loop."""
+    """Runs every SQLite call on the worker process's I/O thread, off its event loop."""
 
-    def __init__(self, broker: SQLiteBroker, queues: list[str], name: str) -> None:
+    def __init__(self, broker: SQLiteBroker, queues: list[str], name: str,
+                 io: Executor) -> None:
         self.broker = broker
         self.queues = queues
         self.name = name
         self.lease = broker.visibility_timeout
-        self._io = ThreadPoolExecutor(1, thread_name_prefix="celeriac-broker")
+        self._io = io
         self._listener = Listener(broker.bell_dir)
         self._rung: asyncio.Event | None = None
         self._held: set[int] = set()
@@ -144,8 +165,18 @@ class SQLiteConsumer(Consumer):
             "RETURNING id, queue, deliveries, payload"
         )
 
-    async def _call(self, fn, *args):  # type: ignore[no-untyped-def]
-        return await asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run one short SQLite step on the loop thread; wait for the write lock without
+        blocking the loop.  (On a thread, every statement would also queue for the GIL
+        while holding the database's write lock, stalling every other process.)"""
+        for pause in lock_pauses():
+            try:
+                return fn(*args)
+            except sqlite3.OperationalError as exc:
+                if not is_busy(exc):
+                    raise
+            await asyncio.sleep(pause)
+        return fn(*args)  # the last try: raises if it is still locked
 
     def _start(self) -> asyncio.Event:
         loop = asyncio.get_running_loop()
@@ -178,7 +209,7 @@ class SQLiteConsumer(Consumer):
     def _fetch(self, limit: int) -> list[Message]:
         conn = self.broker.connections.get()
         now = time.time()
-        with write_transaction(conn):
+        with write_transaction(conn, wait=False):
             rows = conn.execute(
                 self._fetch_sql, (self.name, now + self.lease, *self.queues, now, limit)
             ).fetchall()
@@ -202,19 +233,41 @@ class SQLiteConsumer(Consumer):
 
     def _ack(self, ids: list[int]) -> None:
         conn = self.broker.connections.get()
-        with write_transaction(conn):
+        with write_transaction(conn, wait=False):
             conn.executemany(
                 "DELETE FROM celeriac_messages WHERE id = ? AND owner = ?",
                 [(i, self.name) for i in ids],
             )
         self._held.difference_update(ids)
 
+    async def settle(self, backend: Backend, records: Sequence[Record],
+                     acks: Sequence[Message], io: Executor) -> None:
+        from ..backends.sqlite import SQLiteBackend
+
+        if not (isinstance(backend, SQLiteBackend) and backend.path == self.broker.path):
+            await super().settle(backend, records, acks, io)
+            return
+        await self._call(self._settle, backend, records, [m.tag for m in acks])
+
+    def _settle(self, backend: SQLiteBackend, records: Sequence[Record], ids: list[int]) -> None:
+        """Results and acks in one transaction: the broker and the backend share the file."""
+        backend.ensure_tables()
+        conn = self.broker.connections.get()
+        with write_transaction(conn, wait=False):
+            backend.apply(conn, records)
+            conn.executemany(
+                "DELETE FROM celeriac_messages WHERE id = ? AND owner = ?",
+                [(i, self.name) for i in ids],
+            )
+        self._held.difference_update(ids)
+        backend.after_commit(records)
+
     async def reject(self, message: Message, *, requeue: bool, reason: str = "") -> None:
         await self._call(self._reject, message.tag, requeue, reason)
 
     def _reject(self, row_id: int, requeue: bool, reason: str) -> None:
         conn = self.broker.connections.get()
-        with write_transaction(conn):
+        with write_transaction(conn, wait=False):
             if requeue:
                 conn.execute(
                     "UPDATE celeriac_messages SET owner = NULL, visible_at = ? "
@@ -241,7 +294,7 @@ class SQLiteConsumer(Consumer):
             return
         conn = self.broker.connections.get()
         until = time.time() + self.lease
-        with write_transaction(conn):
+        with write_transaction(conn, wait=False):
             conn.executemany(
                 "UPDATE celeriac_messages SET visible_at = ? WHERE id = ? AND owner = ?",
                 [(until, i, self.name) for i in self._held],
@@ -249,7 +302,7 @@ class SQLiteConsumer(Consumer):
 
     def _release_all(self) -> None:
         conn = self.broker.connections.get()
-        with write_transaction(conn):
+        with write_transaction(conn, wait=False):
             conn.execute(
                 "UPDATE celeriac_messages SET owner = NULL, visible_at = ? WHERE owner = ?",
                 (time.time(), self.name),
@@ -265,4 +318,3 @@ class SQLiteConsumer(Consumer):
             self._renewer.cancel()
         await self._call(self._release_all)
         self._listener.close()
-        self._io.shutdown(wait=True)

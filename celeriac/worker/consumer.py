@@ -36,6 +36,10 @@ log = logging.getLogger("celeriac.worker")
 #: is busy) is handed back to the queue for another process, and this process stops
 #: fetching until its thread is free.  Short tasks never wait this long.
 HAND_BACK_AFTER = 0.05
+#: A write batch waits at most this long (seconds) for running tasks to add theirs,
+#: and stops waiting once it holds this many records.
+COALESCE_FOR = 0.002
+COALESCE_MAX = 256
 #: How long a failing backend or broker write is retried before it is given up (seconds).
 WRITE_RETRY_DELAYS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8)
 
@@ -49,32 +53,57 @@ class Writer:
         self._acks: list[Message] = []
         self._waiters: list[asyncio.Future[None]] = []
         self._wake = asyncio.Event()
+        self._progress = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
 
-    def record(self, record: Record) -> asyncio.Future[None]:
+    def record(self, record: Record) -> None:
         self._records.append(record)
-        return self._pending()
+        self._kick()
 
-    def ack(self, message: Message) -> asyncio.Future[None]:
+    def ack(self, message: Message) -> None:
         self._acks.append(message)
-        return self._pending()
+        self._kick()
 
-    def _pending(self) -> asyncio.Future[None]:
+    def written(self) -> asyncio.Future[None]:
+        """A future resolved when everything queued so far has been written."""
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
+        self._kick()
+        return fut
+
+    def _kick(self) -> None:
         self._idle.clear()
         self._wake.set()
-        return fut
 
     async def flushed(self) -> None:
         await self._idle.wait()
 
-    async def run(self) -> None:
+    def progress(self) -> None:
+        """A task finished: a write batch that waits for more may go now."""
+        self._progress.set()
+
+    async def _gather(self) -> None:
+        """While other tasks of this process are still running, give them up to
+        COALESCE_FOR seconds to add their writes to this batch: one transaction for
+        several tasks.  A lone task (a round trip) is written at once."""
         loop = asyncio.get_running_loop()
+        deadline = loop.time() + COALESCE_FOR
+        while self.process.has_unfinished_work() and len(self._records) < COALESCE_MAX:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            self._progress.clear()
+            try:
+                await asyncio.wait_for(self._progress.wait(), remaining)
+            except TimeoutError:
+                return
+
+    async def run(self) -> None:
         backend = self.process.app.backend
         while True:
             await self._wake.wait()
+            await self._gather()
             self._wake.clear()
             records, self._records = self._records, []
             acks, self._acks = self._acks, []
@@ -82,11 +111,7 @@ class Writer:
             error: BaseException | None = None
             for delay in (*WRITE_RETRY_DELAYS, None):
                 try:
-                    if records:
-                        await loop.run_in_executor(self.process.io, backend.record, records)
-                        records = []
-                    if acks:
-                        await self.process.consumer.ack(acks)
+                    await self.process.consumer.settle(backend, records, acks, self.process.io)
                     error = None
                     break
                 except Exception as exc:  # the store is unhappy: keep the writes, retry
@@ -134,7 +159,7 @@ class WorkerProcess:
         self.loop = loop
         self.loop_thread = threading.get_ident()
         name = f"{self.hostname}/{os.getpid()}/{os.urandom(3).hex()}"
-        self.consumer = self.app.broker.consumer(self.queues, name=name)
+        self.consumer = self.app.broker.consumer(self.queues, name=name, io=self.io)
         self.writer = Writer(self)
         writer_task = loop.create_task(self.writer.run())
         stop = loop.create_task(self.stopping.wait())
@@ -142,7 +167,9 @@ class WorkerProcess:
         try:
             while not self.stopping.is_set():
                 room = self.prefetch - len(self._running)
-                if room <= 0 or self._paused:
+                # refill in batches (half the prefetch at least) unless idle
+                low = room < (self.prefetch + 1) // 2 and bool(self._running)
+                if room <= 0 or low or self._paused:
                     self._slot_free.clear()
                     slot = loop.create_task(self._slot_free.wait())
                     await asyncio.wait({slot, stop}, return_when=first)
@@ -166,6 +193,7 @@ class WorkerProcess:
     def _finished(self, t: asyncio.Task[None]) -> None:
         self._running.discard(t)
         self._slot_free.set()
+        self.writer.progress()
         if not t.cancelled() and t.exception() is not None:
             log.error("worker failed handling a message", exc_info=t.exception())
 
@@ -231,12 +259,19 @@ class WorkerProcess:
 
     async def _take_sync_slot(self) -> bool:
         """The task thread, if it frees up soon; False (and stop fetching) if it does not."""
+        if not self._sync_slot.locked():
+            await self._sync_slot.acquire()
+            return True
         try:
             await asyncio.wait_for(self._sync_slot.acquire(), HAND_BACK_AFTER)
             return True
         except TimeoutError:
             self._paused = True
             return False
+
+    def has_unfinished_work(self) -> bool:
+        """Whether tasks of this process have started and not yet finished."""
+        return bool(self._started)
 
     def _start(self, message: Message, call: TaskCall, task: Task[Any, Any], request: Request,
                acks_late: bool, ignore: bool) -> None:
@@ -260,7 +295,7 @@ class WorkerProcess:
     async def _finish(self, task: Task[Any, Any], call: TaskCall, request: Request,
                       outcome: Outcome, ignore: bool) -> None:
         backend = self.app.backend
-        if outcome.state == states.SUCCESS:
+        if outcome.state == states.SUCCESS and log.isEnabledFor(logging.INFO):
             log.info("Task %s[%s] succeeded in %.6fs: %s", call.name, call.id, outcome.runtime,
                      saferepr(outcome.value))
         elif outcome.state == states.FAILURE:
@@ -291,7 +326,8 @@ class WorkerProcess:
         if task_id is not None:
             record = self.app.backend.prepare_record(
                 task_id, states.FAILURE, exc, hostname=self.hostname, entry_meta=_exc_meta(exc))
-            await self.writer.record(record)
+            self.writer.record(record)
+            await self.writer.written()
         await self.consumer.reject(message, requeue=False, reason=reason)
 
     # ------------------------------------------------------------------ helpers
@@ -325,7 +361,8 @@ class WorkerProcess:
         return sink
 
     async def _write(self, record: Record) -> None:
-        await self.writer.record(record)
+        self.writer.record(record)
+        await self.writer.written()
 
     def _expired(self, call: TaskCall) -> bool:
         expires = call.headers.get("expires")
