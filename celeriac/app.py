@@ -124,9 +124,12 @@ class Celeriac:
 
     @property
     def timezone(self) -> tzinfo:
+        """``timezone`` if set; else UTC, or the machine's zone with ``enable_utc=False``."""
         name = self.conf.timezone
         if name:
             return ZoneInfo(name) if isinstance(name, str) else name  # type: ignore[no-any-return]
+        if not self.conf.enable_utc:
+            return datetime.now().astimezone().tzinfo or UTC
         return UTC
 
     def now(self) -> datetime:

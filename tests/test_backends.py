@@ -210,3 +210,25 @@ def test_file_backend_readers_never_see_torn_or_empty_files(tmp_path):
     proc.join(30)
     assert went_back == 0
     assert seen_progress > 0 and reads > seen_progress
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "file"])
+def test_cleanup_removes_only_old_ready_results(kind, tmp_path):
+    import time
+
+    app = make_app(kind, tmp_path)
+    app.conf.timezone = "Asia/Tokyo"  # Celery's file cleanup deletes fresh results here
+    old, running, fresh = new_id(), new_id(), new_id()
+    app.backend.store(old, states.SUCCESS, 1)
+    app.backend.store(running, states.STARTED, {"pid": 1})
+    cutoff = time.time() + 0.01
+    time.sleep(0.02)
+    app.backend.store(fresh, states.SUCCESS, 2)
+    if kind == "file":  # the file backend goes by modification time
+        for tid in (old, running):
+            os.utime(tmp_path / "results" / f"celery-task-meta-{tid}", (cutoff - 5, cutoff - 5))
+    assert app.backend.cleanup(cutoff) == 1
+    assert not app.AsyncResult(old).exists() and app.AsyncResult(old).history == []
+    assert app.AsyncResult(running).state == states.STARTED
+    assert app.AsyncResult(fresh).get() == 2
+    assert app.backend.cleanup(time.time() - 3600) == 0  # nothing an hour old

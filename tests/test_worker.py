@@ -222,3 +222,23 @@ def test_long_tasks_spread_over_processes(tasks, project, workers):
     assert sorted(pids.values()) == [2, 2]
     for r in rs:
         assert [h["state"] for h in r.history].count(states.STARTED) == 1
+
+
+def test_worker_removes_expired_results(project, workers):
+    write_module(project, "exptasks", """
+        from celeriac import Celery
+        app = Celery('exptasks', result_expires=1.5)
+
+        @app.task
+        def one():
+            return 1
+    """)
+    mod = importlib.import_module("exptasks")
+    workers.append(Worker(project, "exptasks"))
+    r = mod.one.delay()
+    assert r.get(timeout=10) == 1
+    deadline = time.monotonic() + 10
+    while r.backend.exists(r.id) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not r.backend.exists(r.id)
+    assert r.backend.get_meta(r.id)["status"] == states.PENDING

@@ -9,11 +9,11 @@ A backend keeps, per task id:
   ``{"state", "timestamp", "hostname", "pid", "meta"}``.
 
 A store implements five operations (``_get``, ``record``, ``history``, ``forget``,
-``exists``) and may improve ``_wait_for_change``.  ``record`` is the only write:
-it applies a batch of :class:`Record`\\ s in order, and for each one that sets a
-state it must apply :func:`celeriac.states.may_replace` atomically with the write
-(a stored SUCCESS, FAILURE or REVOKED is never replaced), appending the history
-entry only when the state was written.
+``exists``); it may improve ``_wait_for_change`` and implement ``cleanup``.
+``record`` is the only write: it applies a batch of :class:`Record`\\ s in order,
+and for each one that sets a state it must apply :func:`celeriac.states.may_replace`
+atomically with the write (a stored SUCCESS, FAILURE or REVOKED is never replaced),
+appending the history entry only when the state was written.
 """
 
 from __future__ import annotations
@@ -101,6 +101,12 @@ class Backend(ABC):
     @abstractmethod
     def exists(self, task_id: str) -> bool:
         """Whether anything (meta or history) is stored for the id."""
+
+    def cleanup(self, older_than: float) -> int:
+        """Remove ready results (meta and history) last written before ``older_than``
+        (epoch seconds); returns how many.  The worker calls this for ``result_expires``.
+        A store that expires entries itself, or keeps nothing, leaves this as it is."""
+        return 0
 
     def _wait_for_change(self, task_id: str, timeout: float, attempt: int) -> None:
         """Block until the task's meta may have changed, or ``timeout`` s pass.

@@ -25,7 +25,7 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .. import serialization, states
-from ..exceptions import DecodeError, ImproperlyConfigured
+from ..exceptions import DecodeError, ImproperlyConfigured, UnsafeTaskId
 from ..protocol import check_task_id
 from .base import Backend, Record
 
@@ -134,6 +134,27 @@ class FileBackend(Backend):
         for path in (self._meta_path(task_id), self._history_path(task_id)):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
+
+    def cleanup(self, older_than: float) -> int:
+        """Unlink ready metas (and their histories) whose file was last written before
+        ``older_than``: real epoch seconds, whatever the app's time zone."""
+        removed = 0
+        for entry in os.scandir(self.directory):
+            if not entry.name.startswith(META_PREFIX):
+                continue
+            task_id = entry.name[len(META_PREFIX):]
+            try:
+                if entry.stat().st_mtime >= older_than:
+                    continue
+                with self._locked_history(task_id):
+                    if self._stored_state(task_id) not in states.READY_STATES:
+                        continue
+                    os.unlink(entry.path)
+                    os.unlink(self._history_path(task_id))
+                removed += 1
+            except (FileNotFoundError, UnsafeTaskId):
+                continue  # removed meanwhile, or not a file celeriac would write
+        return removed
 
     def exists(self, task_id: str) -> bool:
         return os.path.exists(self._meta_path(task_id)) or os.path.exists(

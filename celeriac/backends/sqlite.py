@@ -133,6 +133,16 @@ class SQLiteBackend(Backend):
             conn.execute("DELETE FROM celeriac_task_meta WHERE task_id = ?", (task_id,))
             conn.execute("DELETE FROM celeriac_task_history WHERE task_id = ?", (task_id,))
 
+    def cleanup(self, older_than: float) -> int:
+        conn = self.connections.get()
+        expired = f"status IN ({_READY_SQL}) AND updated_at < ?"
+        with write_transaction(conn):
+            conn.execute(
+                "DELETE FROM celeriac_task_history WHERE task_id IN "
+                f"(SELECT task_id FROM celeriac_task_meta WHERE {expired})", (older_than,))
+            cur = conn.execute(f"DELETE FROM celeriac_task_meta WHERE {expired}", (older_than,))
+        return cur.rowcount
+
     def exists(self, task_id: str) -> bool:
         row = retry_busy(self._one, "SELECT 1 FROM celeriac_task_meta WHERE task_id = ? UNION ALL "
                          "SELECT 1 FROM celeriac_task_history WHERE task_id = ? LIMIT 1",

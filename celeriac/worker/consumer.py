@@ -15,8 +15,9 @@ import logging
 import os
 import signal
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from .. import states
@@ -135,8 +136,10 @@ class Writer:
 
 
 class WorkerProcess:
-    def __init__(self, app: Celeriac, queues: list[str], hostname: str) -> None:
+    def __init__(self, app: Celeriac, queues: list[str], hostname: str,
+                 housekeeper: bool = False) -> None:
         self.app = app
+        self.housekeeper = housekeeper  # this process removes expired results
         self.queues = queues
         self.hostname = hostname
         self.accept = accepted_content_types(app.conf.accept_content)
@@ -162,6 +165,7 @@ class WorkerProcess:
         self.consumer = self.app.broker.consumer(self.queues, name=name, io=self.io)
         self.writer = Writer(self)
         writer_task = loop.create_task(self.writer.run())
+        expirer = loop.create_task(self._expire_results()) if self.housekeeper else None
         stop = loop.create_task(self.stopping.wait())
         first = asyncio.FIRST_COMPLETED
         try:
@@ -187,8 +191,28 @@ class WorkerProcess:
                     t.add_done_callback(self._finished)
         finally:
             stop.cancel()
+            if expirer is not None:
+                expirer.cancel()
             await self._shutdown()
             writer_task.cancel()
+
+    async def _expire_results(self) -> None:
+        """``result_expires``: remove ready results older than that, every half of it
+        (at least every hour, at most every second)."""
+        expires = self.app.conf.result_expires
+        seconds = expires.total_seconds() if isinstance(expires, timedelta) else expires
+        if not seconds or seconds <= 0:
+            return
+        while True:
+            await asyncio.sleep(min(max(seconds / 2, 1.0), 3600.0))
+            try:
+                removed = await self.loop.run_in_executor(
+                    self.io, self.app.backend.cleanup, time.time() - seconds)
+            except Exception:
+                log.exception("removing expired results failed")
+                continue
+            if removed:
+                log.info("removed %d results older than %ss", removed, seconds)
 
     def _finished(self, t: asyncio.Task[None]) -> None:
         self._running.discard(t)
@@ -391,9 +415,9 @@ def _exc_meta(value: Any) -> Any:
     return exception_to_dict(value) if isinstance(value, BaseException) else value
 
 
-def run_process(app: Celeriac, queues: list[str], hostname: str) -> None:
+def run_process(app: Celeriac, queues: list[str], hostname: str, housekeeper: bool) -> None:
     """Entry point of a worker child process."""
-    process = WorkerProcess(app, queues, hostname)
+    process = WorkerProcess(app, queues, hostname, housekeeper)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()

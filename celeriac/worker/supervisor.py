@@ -41,7 +41,7 @@ def run_worker(app: Celeriac, *, concurrency: int, queues: list[str], hostname: 
             try:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 multiprocessing.current_process().name = f"Worker-{slot}"
-                run_process(app, queues, hostname)
+                run_process(app, queues, hostname, housekeeper=slot == 1)
             except BaseException:
                 log.exception("worker process crashed")
                 code = 1
