@@ -242,3 +242,27 @@ def test_worker_removes_expired_results(project, workers):
         time.sleep(0.1)
     assert not r.backend.exists(r.id)
     assert r.backend.get_meta(r.id)["status"] == states.PENDING
+
+
+def test_result_extended_fields_in_celerys_order(project, workers):
+    write_module(project, "exttasks", """
+        import os
+        from celeriac import Celery
+        app = Celery('exttasks', result_extended=True,
+                     result_backend='file://' + os.path.join(os.getcwd(), 'res'))
+
+        @app.task
+        def mul(x, y):
+            return x * y
+    """)
+    mod = importlib.import_module("exttasks")
+    workers.append(Worker(project, "exttasks", "-n", "w1@%h"))
+    r = mod.mul.delay(6, 7)
+    assert r.get(timeout=10) == 42
+    meta = json.loads((project / "res" / f"celery-task-meta-{r.id}").read_bytes())
+    assert list(meta) == ["status", "result", "traceback", "children", "date_done",
+                          "name", "args", "kwargs", "worker", "retries", "queue", "task_id"]
+    assert (meta["name"], meta["args"], meta["kwargs"], meta["retries"], meta["queue"]) == (
+        "exttasks.mul", [6, 7], {}, 0, "celery")
+    assert meta["worker"] == "w1@" + os.uname().nodename
+    assert (r.name, r.args, r.queue) == ("exttasks.mul", [6, 7], "celery")
