@@ -87,10 +87,14 @@ class Writer:
     async def _gather(self) -> None:
         """While other tasks of this process are still running, give them up to
         COALESCE_FOR seconds to add their writes to this batch: one transaction for
-        several tasks.  A lone task (a round trip) is written at once."""
+        several tasks.  A lone task (a round trip), or a write someone waits for
+        (``update_state`` from a ``def`` task), is written at once."""
+        if self._waiters:
+            return
         loop = asyncio.get_running_loop()
         deadline = loop.time() + COALESCE_FOR
-        while self.process.has_unfinished_work() and len(self._records) < COALESCE_MAX:
+        while (self.process.has_unfinished_work() and len(self._records) < COALESCE_MAX
+               and not self._waiters):
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return
