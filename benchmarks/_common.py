@@ -50,10 +50,8 @@ class Started:
         if self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.proc.pid, signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                pass
         # children left behind (or a main process that did not exit) share its group id
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGKILL)
@@ -126,6 +124,20 @@ def _version(dist: str) -> str:
         return "not installed"
 
 
+def celeriac_revision() -> str:
+    """The commit the measured celeriac code comes from, marked when celeriac/ differs."""
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, text=True,
+                             capture_output=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "celeriac"], cwd=REPO,
+                               text=True, capture_output=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if not rev:
+        return "unknown"
+    return f"{rev} with uncommitted changes to celeriac/" if dirty else rev
+
+
 def machine() -> dict[str, str]:
     cpu = platform.processor() or "?"
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
@@ -146,7 +158,7 @@ def machine() -> dict[str, str]:
         "python": platform.python_version(),
         "kernel": platform.release(),
         "sqlite": sqlite3.sqlite_version,
-        "celeriac": _version("celeriac"),
+        "celeriac": f"{_version('celeriac')} (commit {celeriac_revision()})",
         "celery": _version("celery"),
         "kombu": _version("kombu"),
         "sqlalchemy": _version("sqlalchemy"),
@@ -174,20 +186,34 @@ def command_line() -> str:
 DOC_HEADER = """# Benchmarks
 
 The scripts in `benchmarks/` run celeriac and Celery 5.7 side by side, in the same run and
-on the same kind of store, and report ratios.  Worker start-up is never timed: each script
-starts the workers, waits until they answer a warm-up task, then measures.  Every store
-file lives in a temporary directory of its own, removed at the end.
+on the same kind of store, and report ratios:
 
-Run them from the repository root (the `bench` extra installs SQLAlchemy, which Celery's
-SQLite broker and result backend need):
+- `benchmarks/embedded.py`: throughput and round trip of a no-op task through a
+  one-machine store that needs no server (celeriac's embedded SQLite broker and results;
+  Celery's SQLAlchemy transport and result backend on SQLite), both workers `-c 2`, and
+  the workers' memory.
+- `benchmarks/file_backend_race.py`: whether a reader of the file result backend
+  (`file:///dir`) ever sees a task go back to PENDING or fails to decode its result while
+  a writer keeps updating the task's state.
 
-    .venv/bin/pip install -e '.[test,bench]'
+Worker start-up is never timed: the scripts start the workers, wait until they answer a
+warm-up task, then measure.  Every store file (and celeriac's wake-up sockets) lives in
+a temporary directory of its own, removed at the end, and every process a script starts
+is stopped before it exits, also on error.  Each script takes a few minutes at most.
+
+Run them from the repository root; the `bench` extra installs Celery and SQLAlchemy
+(which Celery's SQLite broker and result backend need):
+
+    .venv/bin/pip install -e '.[bench]'
     .venv/bin/python benchmarks/embedded.py --write
     .venv/bin/python benchmarks/file_backend_race.py --write
 
-`--write` replaces the script's own section below; without it the table is only printed.
-The figures below are from one 2-core development machine: compare the ratios, not the
-absolute numbers, across machines.
+Without `--write` a script only prints its table; with it, it replaces its own section
+below (between its `<!-- name:start -->` / `<!-- name:end -->` markers).  `--help` lists
+the other options (`--only celeriac|celery`, sizes, sample counts).
+
+The figures below come from one 2-core development machine, whose details each section
+records.  Absolute numbers move with the machine; compare the ratios.
 
 """
 

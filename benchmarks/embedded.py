@@ -11,13 +11,14 @@ starts the worker, and runs one producer process that (after the worker has answ
 warm-up task) measures:
 
 (a) enqueue rate: N ``delay()`` calls in a row (the worker is consuming meanwhile);
-(b) end-to-end: from the first ``delay()`` to the last of the N results being ready;
+(b) end-to-end: from the first ``delay()`` to the last of the N results being ready
+    ((a) and (b) are one run, done ``--repeat`` times: the median is reported);
 (c) round trip: ``delay().get()`` one after the other, p50 / p90 after warm-up calls;
 (d) worker memory: summed RSS of the worker's processes (from /proc) after the run.
 
 Usage::
 
-    .venv/bin/python benchmarks/embedded.py [--n 5000] [--celery-n 1000]
+    .venv/bin/python benchmarks/embedded.py [--n 5000] [--celery-n 1000] [--repeat 3]
         [--only celeriac|celery] [--write]
 """
 
@@ -80,7 +81,8 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def run_client(side: str, n: int, samples: int, warmup: int, get_interval: float | None) -> None:
+def run_client(side: str, n: int, repeat: int, samples: int, warmup: int,
+               get_interval: float | None) -> None:
     """The producer process (cwd = the side's temp directory); prints one JSON line."""
     sys.path.insert(0, os.getcwd())
     import benchtasks  # type: ignore[import-not-found]
@@ -96,15 +98,21 @@ def run_client(side: str, n: int, samples: int, warmup: int, get_interval: float
     for r in [noop.delay() for _ in range(8)]:
         r.get(timeout=WARMUP_TIMEOUT, **get_kw)
 
-    # (a) + (b): N delay() calls, then wait for every result, in order
-    t0 = time.perf_counter()
-    results = [noop.delay() for _ in range(n)]
-    t1 = time.perf_counter()
-    for r in results:
-        r.get(timeout=CLIENT_TIMEOUT, **get_kw)
-    t2 = time.perf_counter()
-    out["enqueue_s"] = t1 - t0
-    out["e2e_s"] = t2 - t0
+    # (a) + (b): N delay() calls, then wait for every result, in order; `repeat` times
+    enqueue, e2e = [], []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        results = [noop.delay() for _ in range(n)]
+        t1 = time.perf_counter()
+        for r in results:
+            r.get(timeout=CLIENT_TIMEOUT, **get_kw)
+        t2 = time.perf_counter()
+        enqueue.append(t1 - t0)
+        e2e.append(t2 - t0)
+    out["enqueue_runs_s"] = enqueue
+    out["e2e_runs_s"] = e2e
+    out["enqueue_s"] = statistics.median(enqueue)
+    out["e2e_s"] = statistics.median(e2e)
 
     # (c): sequential round trips
     lat = []
@@ -135,7 +143,10 @@ def module_source(side: str, directory: str, celery_poll: float | None) -> str:
         return CELERIAC_MODULE.format(dir=directory)
     extra = ""
     if celery_poll is not None:
-        extra = f'app.conf.broker_transport_options = {{"polling_interval": {celery_poll}}}\n'
+        # kombu's SQLAlchemy transport hands every transport option to create_engine(),
+        # which refuses polling_interval: set it on the transport class instead
+        extra = ("from kombu.transport import sqlalchemy as _sqla\n\n"
+                 f"_sqla.Transport.polling_interval = {celery_poll}\n")
     return CELERY_MODULE.format(dir=directory, extra=extra)
 
 
@@ -170,10 +181,12 @@ def run_side(side: str, args: argparse.Namespace) -> dict[str, Any]:
         worker = common.Started(worker_argv(side), cwd=directory, env=env,
                                 log_path=os.path.join(directory, "worker.log"))
         client = [sys.executable, os.path.abspath(__file__), "--client", side, "--n", str(n),
-                  "--samples", str(samples), "--warmup", str(warmup)]
+                  "--repeat", str(args.repeat), "--samples", str(samples),
+                  "--warmup", str(warmup)]
         if side == "celery" and args.celery_poll is not None:
             client += ["--get-interval", str(args.celery_poll)]
-        print(f"[{side}] producer: {n} tasks, then {warmup}+{samples} round trips", flush=True)
+        print(f"[{side}] producer: {args.repeat} x {n} tasks, then {warmup}+{samples} "
+              "round trips", flush=True)
         try:
             proc = subprocess.run(client, cwd=directory, env=env, capture_output=True,
                                   text=True, timeout=CLIENT_TIMEOUT)
@@ -211,44 +224,54 @@ def ratio(a: float | None, b: float | None) -> str:
 
 
 def rows_for(results: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    def get(side: str, key: str) -> float | None:
-        r = results.get(side)
-        return None if r is None or "error" in r or key not in r else r[key]
-
-    def rate(side: str, key: str) -> float | None:
-        t = get(side, key)
-        return None if t is None else results[side]["n"] / t
-
+    """The table: one column per side run, and a ratio column when both ran."""
     sides = [s for s in SIDES if s in results]
-    header = ["", *sides]
-    rows: list[list[str]] = []
-
-    def add(label: str, values: dict[str, float | None], digits: int, r: str) -> None:
-        rows.append([label, *(fmt(values[s], digits) for s in sides), *([r] if both else [])])
-
     both = len(sides) == 2
-    if both:
-        header.append("ratio")
-    rows.append(["tasks (N)", *(str(results[s]["n"]) for s in sides), *([""] if both else [])])
-    for label, key in (("(a) enqueue rate, tasks/s", "enqueue_s"),
-                       ("(b) end-to-end throughput, tasks/s", "e2e_s")):
-        v = {s: rate(s, key) for s in sides}
-        add(label, v, 0, ratio(v.get("celeriac"), v.get("celery")) if both else "")
-    v = {s: get(s, "e2e_s") for s in sides}
-    add("(b) end-to-end time for N tasks, s", v, 2, "")
-    for label, key in (("(c) round trip p50, ms", "rt_p50_ms"),
-                       ("(c) round trip p90, ms", "rt_p90_ms")):
-        v = {s: get(s, key) for s in sides}
-        add(label, v, 1, ratio(v.get("celery"), v.get("celeriac")) if both else "")
-    rows.append(["(c) round-trip samples (after warm-up)",
-                 *(str(results[s].get("rt_samples", "—")) for s in sides),
-                 *([""] if both else [])])
-    v = {s: get(s, "rss_mb") for s in sides}
-    add("(d) worker RSS, MB", v, 0, ratio(v.get("celery"), v.get("celeriac")) if both else "")
-    rows.append(["(d) worker processes counted",
-                 *(str(results[s].get("processes", "—")) for s in sides),
-                 *([""] if both else [])])
-    return header, rows
+
+    def value(side: str, key: str, per_second: bool) -> float | None:
+        r = results[side]
+        if "error" in r or key not in r:
+            return None
+        return float(r["n"]) / r[key] if per_second else float(r[key])
+
+    def row(label: str, key: str, digits: int, better: str | None,
+            per_second: bool = False) -> list[str]:
+        v = {s: value(s, key, per_second) for s in sides}
+        cells = [label, *(fmt(v[s], digits) for s in sides)]
+        if both:
+            if better == "higher":
+                cells.append(ratio(v["celeriac"], v["celery"]))
+            elif better == "lower":
+                cells.append(ratio(v["celery"], v["celeriac"]))
+            else:
+                cells.append("")
+        return cells
+
+    def spread(label: str, key: str) -> list[str]:
+        cells = [label]
+        for s in sides:
+            runs = results[s].get(key)
+            rates = sorted(results[s]["n"] / t for t in runs) if runs else None
+            cells.append(f"{rates[0]:,.0f}–{rates[-1]:,.0f}" if rates else "—")
+        return cells + ([""] if both else [])
+
+    def plain(label: str, key: str) -> list[str]:
+        return [label, *(str(results[s].get(key, "—")) for s in sides), *([""] if both else [])]
+
+    rows = [
+        plain("tasks (N)", "n"),
+        row("(a) enqueue rate, tasks/s", "enqueue_s", 0, "higher", per_second=True),
+        spread("(a) lowest–highest run", "enqueue_runs_s"),
+        row("(b) end-to-end throughput, tasks/s", "e2e_s", 0, "higher", per_second=True),
+        spread("(b) lowest–highest run", "e2e_runs_s"),
+        row("(b) first delay() to last result ready (median), s", "e2e_s", 2, None),
+        row("(c) round trip p50, ms", "rt_p50_ms", 1, "lower"),
+        row("(c) round trip p90, ms", "rt_p90_ms", 1, "lower"),
+        plain("(c) round-trip samples (after warm-up)", "rt_samples"),
+        row("(d) worker RSS, MB", "rss_mb", 0, "lower"),
+        plain("(d) worker processes counted", "processes"),
+    ]
+    return ["", *sides, *(["ratio"] if both else [])], rows
 
 
 def section(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> str:
@@ -277,7 +300,9 @@ def section(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> str
         "",
         "Ratio: how many times better celeriac is: celeriac / Celery for rates, "
         "Celery / celeriac for latencies and memory.  Rates are per task, so the two "
-        "sides' different N compare directly.",
+        "sides' different N compare directly.  (a) and (b) ran "
+        f"{args.repeat} time(s) per side with the same worker; the table shows the median "
+        "run and the lowest and highest.",
         "",
     ]
     notes = []
@@ -324,6 +349,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=5000, help="tasks for (a)/(b), celeriac")
     parser.add_argument("--celery-n", type=int, default=1000, help="tasks for (a)/(b), Celery")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="runs of (a)/(b) per side; the table shows the median")
     parser.add_argument("--samples", type=int, default=300, help="round trips, celeriac")
     parser.add_argument("--warmup", type=int, default=20, help="untimed round trips first")
     parser.add_argument("--celery-samples", type=int, default=100,
@@ -341,7 +368,8 @@ def main() -> int:
     args = parser.parse_args()
 
     if args.client:
-        run_client(args.client, args.n, args.samples, args.warmup, args.get_interval)
+        run_client(args.client, args.n, args.repeat, args.samples, args.warmup,
+                   args.get_interval)
         return 0
 
     # a SIGTERM ends the run like Ctrl-C does: through the finally blocks that stop workers
