@@ -1,16 +1,25 @@
 """Wake-ups between processes on one machine, so nobody polls.
 
 A *bell* is a directory of Unix datagram sockets, one per listening process.
-``ring()`` sends one byte to every socket in it; a listener's socket becomes
-readable, which a thread can ``wait()`` for and an event loop can watch with
-``add_reader``.  A socket whose process died refuses the byte and is removed.
-Rings carry no data: a listener that wakes re-reads the store it cares about,
-so a lost or merged ring costs latency (bounded by the caller's fallback
-timeout), never correctness.
+``ring()`` sends one byte to every socket in it whose name ends in ``.idle``; a
+listener's socket becomes readable, which a thread can ``wait()`` for and an
+event loop can watch with ``add_reader``.  A socket whose process died refuses
+the byte and is removed.  Rings carry no data: a listener that wakes re-reads
+the store it cares about, so a lost or merged ring costs latency (bounded by the
+caller's fallback timeout), never correctness.
+
+A worker renames its socket to ``.busy`` while it has work and back to ``.idle``
+before it re-checks the store and sleeps, so a producer does not spend a system
+call per message on workers that will fetch anyway.
+
+The directory sits beside the store file (``celeriac.db-bell/``), unless that
+path is too long for a socket name; then it goes under the temporary directory,
+named by a hash of the store's path.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import errno
 import hashlib
@@ -19,10 +28,17 @@ import select
 import socket
 import tempfile
 
+#: Longest socket path the kernel takes is 107 bytes; leave room for the socket's name.
+_MAX_DIR = 107 - len("/4194304-0123abcd.idle")
+
 
 def bell_dir(store_path: str, channel: str) -> str:
-    """The bell directory for a store file; kept short (socket paths max out at 108 bytes)."""
-    digest = hashlib.sha1(os.path.realpath(store_path).encode()).hexdigest()[:16]
+    """The bell directory of a store file for one channel (``queues`` or ``results``)."""
+    path = os.path.realpath(store_path)
+    beside = f"{path}-bell/{channel}"
+    if len(beside.encode()) <= _MAX_DIR:
+        return beside
+    digest = hashlib.sha1(path.encode()).hexdigest()[:16]
     return os.path.join(tempfile.gettempdir(), f"celeriac-{digest}", channel)
 
 
@@ -39,6 +55,8 @@ class Bell:
         except FileNotFoundError:
             return
         for name in names:
+            if not name.endswith(".idle"):
+                continue
             path = os.path.join(self.directory, name)
             try:
                 self._sock.sendto(b"\x01", path)
@@ -58,10 +76,31 @@ class Listener:
 
     def __init__(self, directory: str) -> None:
         os.makedirs(directory, exist_ok=True)
-        self.path = os.path.join(directory, f"{os.getpid()}-{os.urandom(4).hex()}")
+        _sweep(directory)
+        self._stem = os.path.join(directory, f"{os.getpid()}-{os.urandom(4).hex()}")
+        self.path = self._stem + ".idle"
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._sock.bind(self.path)
         self._sock.setblocking(False)
+        atexit.register(self.close)
+
+    @property
+    def is_idle(self) -> bool:
+        return self.path.endswith(".idle")
+
+    def _mark(self, suffix: str) -> None:
+        target = self._stem + suffix
+        if target != self.path:
+            os.rename(self.path, target)
+            self.path = target
+
+    def idle(self) -> None:
+        """Ring me: I am about to re-check the store and sleep (re-check *after* this)."""
+        self._mark(".idle")
+
+    def busy(self) -> None:
+        """Do not ring me: I will look at the store before I sleep again."""
+        self._mark(".busy")
 
     def fileno(self) -> int:
         return self._sock.fileno()
@@ -81,6 +120,24 @@ class Listener:
         return bool(ready)
 
     def close(self) -> None:
+        if self._sock.fileno() == -1:
+            return
+        atexit.unregister(self.close)
         with contextlib.suppress(OSError):
             os.unlink(self.path)
         self._sock.close()
+
+
+def _sweep(directory: str) -> None:
+    """Remove the sockets of processes that are gone (killed before they could)."""
+    for name in os.listdir(directory):
+        pid_text = name.partition("-")[0]
+        if not pid_text.isdigit():
+            continue
+        try:
+            os.kill(int(pid_text), 0)
+        except ProcessLookupError:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(directory, name))
+        except PermissionError:
+            pass  # alive, another user's

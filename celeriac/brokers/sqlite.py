@@ -199,7 +199,11 @@ class SQLiteConsumer(Consumer):
             rung.clear()
             messages = await self._call(self._fetch, limit)
             if messages:
+                self._listener.busy()
                 return messages
+            if not self._listener.is_idle:
+                self._listener.idle()  # producers ring us from now on: look once more
+                continue
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return []
