@@ -153,3 +153,21 @@ def test_memory_broker_with_an_in_process_worker():
     assert [h["state"] for h in pending.history] == ["PENDING", "RECEIVED", "ADDING", "SUCCESS"]
     after = add.delay(0, 0)
     assert after.state == states.PENDING  # no worker any more: it waits
+
+
+def test_apply_async_options_and_unsafe_ids():
+    from celeriac.exceptions import UnsafeTaskId
+
+    app = Celery("opts", broker="memory://opts")
+
+    @app.task
+    def f(x):
+        return x
+
+    r = f.apply_async((1,), task_id="order-17", queue="other")
+    assert r.id == "order-17" and r.exists()
+    assert r.history[0]["meta"] == {"task": f.name, "queue": "other"}
+    with pytest.raises(UnsafeTaskId, match="not safe as a storage key"):
+        f.apply_async((1,), task_id="../../etc/passwd")
+    s = app.send_task("elsewhere.task", (1, 2), task_id="sent-1")
+    assert s.id == "sent-1" and s.state == states.PENDING and s.exists()

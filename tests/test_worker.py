@@ -45,7 +45,18 @@ def sleepy_late(seconds, tag=None):
 async def async_add(self, x, y):
     self.update_state(state='AWAITING', meta={'x': x})
     await asyncio.sleep(0.2)
-    return {'sum': x + y, 'id': self.request.id}
+    r = self.request
+    return {'sum': x + y, 'id': r.id, 'args': r.args, 'retries': r.retries,
+            'hostname': r.hostname, 'queue': r.delivery_info['routing_key']}
+
+
+class ShippingError(Exception):
+    pass
+
+
+@app.task
+def fails_custom(order):
+    raise ShippingError('cannot ship', order)
 
 @app.task
 def whoami():
@@ -79,7 +90,9 @@ def test_async_task_runs_on_the_loop(tasks, project, workers):
     # eight 0.2 s coroutines in one process overlap (prefetch 4): well under 8 x 0.2 s
     assert time.monotonic() - started < 1.2
     assert [o["sum"] for o in out] == [i + 1 for i in range(8)]
-    assert out[0]["id"] == rs[0].id
+    assert out[0]["id"] == rs[0].id and out[0]["args"] == [0, 1] and out[0]["retries"] == 0
+    assert out[0]["hostname"] == "celery@" + os.uname().nodename
+    assert out[0]["queue"] == "celery"
     assert "AWAITING" in [h["state"] for h in rs[0].history]
     assert rs[0].history[-1]["state"] == states.SUCCESS
 
@@ -123,6 +136,17 @@ def test_malformed_messages_are_set_aside(tasks, project, workers):
     assert all(reason.startswith("malformed message") for reason in reasons)
     left = _db(project).execute("SELECT count(*) FROM celeriac_messages").fetchone()[0]
     assert left == 0
+
+
+def test_an_importable_exception_comes_back_as_its_own_class(tasks, project, workers):
+    workers.append(Worker(project, "tasks"))
+    r = tasks.fails_custom.delay(42)
+    with pytest.raises(tasks.ShippingError) as info:
+        r.get(timeout=10)
+    assert info.value.args == ("cannot ship", 42)
+    meta = r.backend.get_meta(r.id)
+    assert meta["result"] == {"exc_type": "ShippingError", "exc_message": ["cannot ship", 42],
+                              "exc_module": "tasks"}
 
 
 def test_unserializable_result_becomes_a_clear_failure(tasks, project, workers):
