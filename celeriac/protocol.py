@@ -82,6 +82,7 @@ class Message:
     queue: str = ""
     tag: Any = None  # transport's handle for ack/reject
     redelivered: bool = False
+    raw: bytes | None = None  # the bytes the transport delivered, when it keeps them
 
     @property
     def delivery_info(self) -> dict[str, Any]:

@@ -1,0 +1,337 @@
+"""``redis://`` / ``rediss://``: the broker laid out exactly as kombu's Redis transport,
+so Celery and celeriac producers and workers can share one queue.
+
+Layout (inspect with ``redis-cli``)::
+
+    <queue>                  LIST of kombu envelopes (JSON, base64 body); LPUSH in, RPOP out
+    <queue>\\x06\\x16<3|6|9>   the same for priorities 3-5, 6-8 and 9 (consumed after <queue>)
+    unacked                  HASH  delivery_tag -> JSON [envelope, exchange, routing_key]
+    unacked_index            ZSET  delivery_tag scored by when it was taken (or last renewed)
+    unacked_mutex            STRING lock held while expired entries are put back
+    _kombu.binding.<queue>   SET   "<routing_key>\\x06\\x16\\x06\\x16<queue>" (declared by workers)
+    celeriac.dead_letters    LIST  messages set aside: JSON {queue, reason, failed_at, payload}
+
+A consumer takes a batch with one Lua script that pops the messages and enters them in
+``unacked``/``unacked_index`` atomically; when nothing is waiting it blocks on BRPOP (no
+polling) and enters what it got the same way.  An ack removes the entries.  While it holds
+a message it renews the entry's score, so a long task is not redelivered; an entry older
+than ``visibility_timeout`` (default 3600 s, kombu's) belongs to a consumer that died and
+is put back on its queue by whichever worker — Celery's or celeriac's — checks first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import time
+from collections.abc import Sequence
+from concurrent.futures import Executor
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+
+from ..protocol import Message, decode_envelope, encode_envelope
+from .base import Broker, Consumer
+
+SEP = "\x06\x16"
+PRIORITY_STEPS = (0, 3, 6, 9)
+UNACKED = "unacked"
+UNACKED_INDEX = "unacked_index"
+UNACKED_MUTEX = "unacked_mutex"
+DEAD_LETTERS = "celeriac.dead_letters"
+DEFAULT_VISIBILITY_TIMEOUT = 3600.0
+#: How often a consumer puts back the messages of consumers that died (seconds).
+RESTORE_EVERY = 60.0
+
+# Pop up to ARGV[1] messages from KEYS[1..n-2] in order and enter each in the unacked
+# hash and index (KEYS[n-1], KEYS[n]) in the same atomic step.  A message that is not
+# JSON is returned with an empty tag, for the worker to set aside.
+_TAKE = """
+local limit = tonumber(ARGV[1])
+local now = ARGV[2]
+local nq = #KEYS - 2
+local index, unacked = KEYS[nq + 1], KEYS[nq + 2]
+local out = {}
+local taken = 0
+for i = 1, nq do
+  while taken < limit do
+    local item = redis.call('RPOP', KEYS[i])
+    if not item then break end
+    taken = taken + 1
+    local ok, m = pcall(cjson.decode, item)
+    local tag = ''
+    if ok and type(m) == 'table' and type(m.properties) == 'table'
+        and type(m.properties.delivery_tag) == 'string' then
+      tag = m.properties.delivery_tag
+      local info = m.properties.delivery_info
+      local ex, rk = '', ''
+      if type(info) == 'table' then
+        if type(info.exchange) == 'string' then ex = info.exchange end
+        if type(info.routing_key) == 'string' then rk = info.routing_key end
+      end
+      redis.call('ZADD', index, now, tag)
+      redis.call('HSET', unacked, tag,
+                 '[' .. item .. ',' .. cjson.encode(ex) .. ',' .. cjson.encode(rk) .. ']')
+    end
+    table.insert(out, KEYS[i])
+    table.insert(out, item)
+    table.insert(out, tag)
+  end
+end
+return out
+"""
+
+
+def queue_key(queue: str, priority: int | None) -> str:
+    """kombu's list for a priority: 0-2 -> queue, 3-5 -> queue\\x06\\x163, ..."""
+    p = min(max(int(priority or 0), 0), 9)
+    step = max(s for s in PRIORITY_STEPS if s <= p)
+    return f"{queue}{SEP}{step}" if step else queue
+
+
+def queue_of_key(key: str) -> str:
+    return key.rsplit(SEP, 1)[0]
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _restored(raw: dict[str, Any]) -> dict[str, Any]:
+    """Mark an envelope as redelivered, as kombu does when it puts a message back."""
+    raw.setdefault("headers", {})["redelivered"] = True
+    props = raw.setdefault("properties", {})
+    props.setdefault("delivery_info", {})["redelivered"] = True
+    return raw
+
+
+class RedisBroker(Broker):
+    def __init__(self, url: str, transport_options: dict[str, Any] | None = None) -> None:
+        self.url = url
+        options = transport_options or {}
+        self.visibility_timeout = float(
+            options.get("visibility_timeout", DEFAULT_VISIBILITY_TIMEOUT))
+        self._client: redis.Redis | None = None
+        self._pid = 0
+
+    @property
+    def client(self) -> redis.Redis:
+        if self._client is None or self._pid != os.getpid():
+            self._client = redis.Redis.from_url(self.url)
+            self._pid = os.getpid()
+        return self._client
+
+    def publish(self, message: Message) -> None:
+        key = queue_key(message.queue, message.properties.get("priority"))
+        self.client.lpush(key, encode_envelope(message))
+
+    def purge(self, queues: Sequence[str]) -> int:
+        keys = [queue_key(q, p) for q in queues for p in PRIORITY_STEPS]
+        with self.client.pipeline() as pipe:
+            for k in keys:
+                pipe.llen(k)
+            pipe.delete(*keys)
+            counts = pipe.execute()
+        return int(sum(counts[:-1]))
+
+    def consumer(self, queues: Sequence[str], *, name: str, io: Executor) -> Consumer:
+        return RedisConsumer(self, list(queues), name)
+
+    def dead_letters(self) -> list[dict[str, Any]]:
+        return [json.loads(x) for x in self.client.lrange(DEAD_LETTERS, 0, -1)]
+
+    def close(self) -> None:
+        if self._client is not None and self._pid == os.getpid():
+            self._client.close()
+        self._client = None
+
+
+class RedisConsumer(Consumer):
+    def __init__(self, broker: RedisBroker, queues: list[str], name: str) -> None:
+        self.broker = broker
+        self.queues = queues
+        self.name = name
+        self.keys = [queue_key(q, p) for p in PRIORITY_STEPS for q in queues]
+        self.visibility_timeout = broker.visibility_timeout
+        self._client: aioredis.Redis | None = None
+        self._take_script: Any = None
+        self._held: dict[str, Message] = {}
+        self._background: list[asyncio.Task[None]] = []
+
+    async def _connect(self) -> aioredis.Redis:
+        if self._client is None:
+            client = aioredis.Redis.from_url(self.broker.url)
+            async with client.pipeline(transaction=False) as pipe:
+                for q in self.queues:  # the binding a Celery worker declares for its queue
+                    pipe.sadd(f"_kombu.binding.{q}", SEP.join([q, "", q]))
+                await pipe.execute()
+            self._take_script = client.register_script(_TAKE)
+            self._client = client
+            loop = asyncio.get_running_loop()
+            self._background = [loop.create_task(self._renew_forever()),
+                                loop.create_task(self._restore_forever())]
+        return self._client
+
+    async def get(self, limit: int, timeout: float) -> list[Message]:
+        client = await self._connect()
+        messages = await self._take(limit)
+        if messages:
+            return messages
+        got = await client.brpop(self.keys, timeout=max(timeout, 0.01))
+        if not got:
+            return []
+        key, raw = got
+        first = await self._enter(_text(key), raw if isinstance(raw, bytes) else raw.encode())
+        rest = await self._take(limit - 1) if limit > 1 else []
+        return [first, *rest]
+
+    async def _take(self, limit: int) -> list[Message]:
+        out = await self._take_script(keys=[*self.keys, UNACKED_INDEX, UNACKED],
+                                      args=[limit, time.time()])
+        messages = []
+        for i in range(0, len(out), 3):
+            key, raw, tag = out[i].decode(), out[i + 1], out[i + 2].decode()
+            messages.append(self._message(key, raw, tag))
+        return messages
+
+    async def _enter(self, key: str, raw: bytes) -> Message:
+        """Enter a message taken by BRPOP in the unacked bookkeeping (as kombu does)."""
+        message = self._message(key, raw, "")
+        tag = message.properties.get("delivery_tag")
+        if isinstance(tag, str) and tag:
+            info = message.properties.get("delivery_info") or {}
+            entry = "[" + raw.decode() + "," + json.dumps(info.get("exchange") or "") + "," \
+                + json.dumps(info.get("routing_key") or "") + "]"
+            assert self._client is not None
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.zadd(UNACKED_INDEX, {tag: time.time()})
+                pipe.hset(UNACKED, tag, entry)
+                await pipe.execute()
+            message.tag = tag
+            self._held[tag] = message
+        return message
+
+    def _message(self, key: str, raw: bytes, tag: str) -> Message:
+        queue = queue_of_key(key)
+        try:
+            message = decode_envelope(raw, queue)
+        except ValueError as exc:
+            message = Message({}, raw, "", "", {}, queue=queue)
+            message.properties["celeriac_decode_error"] = str(exc)
+        message.raw = raw
+        message.redelivered = bool((message.properties.get("delivery_info") or {}).get(
+            "redelivered") or message.headers.get("redelivered"))
+        if tag:
+            message.tag = tag
+            self._held[tag] = message
+        return message
+
+    async def ack(self, messages: Sequence[Message]) -> None:
+        tags = [m.tag for m in messages if m.tag]
+        if not tags:
+            return
+        assert self._client is not None
+        async with self._client.pipeline(transaction=False) as pipe:
+            pipe.zrem(UNACKED_INDEX, *tags)
+            pipe.hdel(UNACKED, *tags)
+            await pipe.execute()
+        for t in tags:
+            self._held.pop(t, None)
+
+    async def reject(self, message: Message, *, requeue: bool, reason: str = "") -> None:
+        client = await self._connect()
+        raw = message.raw or b""
+        async with client.pipeline(transaction=True) as pipe:
+            if message.tag:
+                pipe.zrem(UNACKED_INDEX, message.tag)
+                pipe.hdel(UNACKED, message.tag)
+            if requeue:  # back to the front: it is the next one taken
+                payload = json.dumps(_restored(json.loads(raw)))
+                pipe.rpush(queue_key(message.queue, message.properties.get("priority")), payload)
+            else:
+                pipe.lpush(DEAD_LETTERS, json.dumps({
+                    "queue": message.queue, "reason": reason, "failed_at": time.time(),
+                    "payload": raw.decode("utf-8", "replace")}))
+            await pipe.execute()
+        if message.tag:
+            self._held.pop(message.tag, None)
+
+    async def _renew_forever(self) -> None:
+        """Keep the entries of held messages fresh, so they are not taken for a dead
+        consumer's and redelivered while a long task runs (kombu#337)."""
+        interval = min(self.visibility_timeout / 3, 60.0)
+        while True:
+            await asyncio.sleep(interval)
+            if self._held and self._client is not None:
+                now = time.time()
+                with contextlib.suppress(redis.RedisError):
+                    await self._client.zadd(UNACKED_INDEX, dict.fromkeys(self._held, now),
+                                            xx=True)
+
+    async def _restore_forever(self) -> None:
+        while True:
+            with contextlib.suppress(redis.RedisError):  # down: the next round tries again
+                await self.restore_expired()
+            await asyncio.sleep(min(RESTORE_EVERY, self.visibility_timeout / 2))
+
+    async def restore_expired(self) -> int:
+        """Put back messages whose consumer stopped renewing them (it died)."""
+        client = await self._connect()
+        token = os.urandom(8).hex()
+        if not await client.set(UNACKED_MUTEX, token, nx=True, ex=300):
+            return 0  # another worker is doing it
+        restored = 0
+        try:
+            ceiling = time.time() - self.visibility_timeout
+            tags = await client.zrangebyscore(UNACKED_INDEX, "-inf", ceiling, start=0, num=100)
+            for tag in tags:
+                restored += await self._restore_tag(client, _text(tag))
+        finally:
+            if (await client.get(UNACKED_MUTEX)) == token.encode():
+                await client.delete(UNACKED_MUTEX)
+        return restored
+
+    async def _restore_tag(self, client: aioredis.Redis, tag: str) -> int:
+        async with client.pipeline(transaction=True) as pipe:
+            await pipe.watch(UNACKED)
+            entry = await pipe.hget(UNACKED, tag)
+            pipe.multi()
+            pipe.zrem(UNACKED_INDEX, tag)
+            pipe.hdel(UNACKED, tag)
+            if entry:
+                raw, exchange, routing_key = json.loads(entry)
+                priority = (raw.get("properties") or {}).get("priority")
+                for queue in await self._lookup(client, exchange, routing_key):
+                    pipe.rpush(queue_key(queue, priority), json.dumps(_restored(raw)))
+            try:
+                await pipe.execute()
+            except redis.WatchError:
+                return 0
+        return 1 if entry else 0
+
+    async def _lookup(self, client: aioredis.Redis, exchange: str,
+                      routing_key: str) -> list[str]:
+        if not exchange:
+            return [routing_key]
+        members = await client.smembers(f"_kombu.binding.{exchange}")
+        queues = []
+        for member in members:
+            rk, _, queue = _text(member).split(SEP)
+            if rk == routing_key:
+                queues.append(queue)
+        return queues or [routing_key]
+
+    async def close(self) -> None:
+        for t in self._background:
+            t.cancel()
+        if self._client is None:
+            return
+        for tag in reversed(list(self._held)):  # not acked: back to the front, in order
+            with contextlib.suppress(redis.RedisError):
+                await self._restore_tag(self._client, tag)
+        self._held.clear()
+        await self._client.aclose()
+        self._client = None
