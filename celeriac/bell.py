@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import errno
 import hashlib
 import os
 import select
@@ -49,40 +48,52 @@ class Bell:
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._sock.setblocking(False)
 
-    def ring(self) -> None:
+    def ring(self, everyone: bool = False) -> None:
+        """Wake the idle listeners (``everyone``: the busy ones too)."""
         try:
             names = os.listdir(self.directory)
         except FileNotFoundError:
             return
         for name in names:
-            if not name.endswith(".idle"):
-                continue
-            path = os.path.join(self.directory, name)
-            try:
-                self._sock.sendto(b"\x01", path)
-            except BlockingIOError:
-                pass  # its buffer is full: it has been rung already
-            except OSError as exc:
-                if exc.errno in (errno.ECONNREFUSED, errno.ENOENT, errno.ENOTSOCK):
-                    with contextlib.suppress(OSError):
-                        os.unlink(path)
+            if everyone or name.endswith(".idle"):
+                self._send(os.path.join(self.directory, name))
+
+    def _send(self, path: str) -> None:
+        try:
+            self._sock.sendto(b"\x01", path)
+        except BlockingIOError:
+            pass  # its buffer is full: it has been rung already
+        except ConnectionRefusedError:  # nobody is bound to it: its process is gone
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        except OSError:
+            pass  # renamed meanwhile (idle <-> busy), or not a socket: not ours to remove
 
     def close(self) -> None:
         self._sock.close()
 
 
 class Listener:
-    """One process's end of a bell."""
+    """One process's end of a bell.  Belongs to the process that made it: after a
+    fork the child makes its own, and only the owner removes the socket file."""
 
     def __init__(self, directory: str) -> None:
         os.makedirs(directory, exist_ok=True)
-        _sweep(directory)
-        self._stem = os.path.join(directory, f"{os.getpid()}-{os.urandom(4).hex()}")
+        self.directory = directory
+        self.pid = os.getpid()
+        self._stem = os.path.join(directory, f"{self.pid}-{os.urandom(4).hex()}")
         self.path = self._stem + ".idle"
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._sock.bind(self.path)
-        self._sock.setblocking(False)
+        self._sock = self._bind(self.path)
+        self.generation = 0  # counts new sockets (whoever watches the old one must re-watch)
         atexit.register(self.close)
+        _sweep(directory)
+
+    @staticmethod
+    def _bind(path: str) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.bind(path)
+        sock.setblocking(False)
+        return sock
 
     @property
     def is_idle(self) -> bool:
@@ -90,9 +101,15 @@ class Listener:
 
     def _mark(self, suffix: str) -> None:
         target = self._stem + suffix
-        if target != self.path:
+        if target == self.path:
+            return
+        try:
             os.rename(self.path, target)
-            self.path = target
+        except FileNotFoundError:  # removed from outside: bind a new socket under the name
+            self._sock.close()
+            self._sock = self._bind(target)
+            self.generation += 1
+        self.path = target
 
     def idle(self) -> None:
         """Ring me: I am about to re-check the store and sleep (re-check *after* this)."""
@@ -123,21 +140,13 @@ class Listener:
         if self._sock.fileno() == -1:
             return
         atexit.unregister(self.close)
-        with contextlib.suppress(OSError):
-            os.unlink(self.path)
+        if self.pid == os.getpid():
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
         self._sock.close()
 
 
 def _sweep(directory: str) -> None:
-    """Remove the sockets of processes that are gone (killed before they could)."""
-    for name in os.listdir(directory):
-        pid_text = name.partition("-")[0]
-        if not pid_text.isdigit():
-            continue
-        try:
-            os.kill(int(pid_text), 0)
-        except ProcessLookupError:
-            with contextlib.suppress(OSError):
-                os.unlink(os.path.join(directory, name))
-        except PermissionError:
-            pass  # alive, another user's
+    """Remove sockets nobody is bound to any more (processes killed before they could):
+    each is probed, and only a refused probe removes it; live listeners just wake."""
+    Bell(directory).ring(everyone=True)

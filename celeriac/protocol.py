@@ -216,8 +216,38 @@ def parse_task_message(message: Message, accept: frozenset[str]) -> TaskCall:
     args, kwargs, embed = body
     if not isinstance(args, list | tuple) or not isinstance(kwargs, dict):
         raise DecodeError("task message body has args that are not a list or kwargs not a dict")
+    _check_headers(headers)
     return TaskCall(task_id, str(headers["task"]), list(args), kwargs, embed or {},
                     headers, message)
+
+
+def _check_headers(headers: dict[str, Any]) -> None:
+    """Header values the worker relies on must have the types Celery sends."""
+
+    def fail(name: str, wanted: str) -> None:
+        raise DecodeError(f"task message header {name!r} must be {wanted}, "
+                          f"not {saferepr(headers.get(name))}")
+
+    retries = headers.get("retries", 0)
+    if retries is not None and (not isinstance(retries, int) or isinstance(retries, bool)):
+        fail("retries", "an integer")
+    limits = headers.get("timelimit")
+    if limits is not None and not (
+            isinstance(limits, list | tuple) and len(limits) == 2
+            and all(x is None or isinstance(x, int | float) for x in limits)):
+        fail("timelimit", "[hard, soft] (numbers or null)")
+    for name in ("eta", "expires"):
+        value = headers.get(name)
+        if value is None:
+            continue
+        try:
+            datetime.fromisoformat(value)
+        except (TypeError, ValueError):
+            fail(name, "an ISO 8601 date-time or null")
+    for name in ("root_id", "parent_id", "group", "origin"):
+        value = headers.get(name)
+        if value is not None and not isinstance(value, str):
+            fail(name, "a string or null")
 
 
 def encode_envelope(message: Message) -> bytes:

@@ -92,7 +92,10 @@ def json_dumps_lenient(obj: Any) -> str:
         except TypeError:
             return repr(o)
 
-    return json.dumps(obj, default=default)
+    try:
+        return json.dumps(obj, default=default)
+    except (TypeError, ValueError, RecursionError):  # e.g. keys that are not strings
+        return json.dumps(repr(obj))
 
 
 @dataclass(frozen=True)
@@ -136,7 +139,7 @@ def dumps(obj: Any, serializer: str) -> tuple[str, str, bytes]:
     s = get_serializer(serializer)
     try:
         return s.content_type, s.content_encoding, s.dumps(obj)
-    except (TypeError, ValueError, pickle.PicklingError, AttributeError) as exc:
+    except Exception as exc:  # TypeError, ValueError, RecursionError, PicklingError...
         raise EncodeError(f"cannot serialize with {s.name}: {exc}") from exc
 
 

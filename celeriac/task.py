@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import inspect
 import time
@@ -237,11 +238,9 @@ def execute_sync(task: Task[Any, Any], request: Request) -> Outcome:
     try:
         value = task.run(*_bound_args(task, request), **request.kwargs)
         if inspect.isawaitable(value):
-            import asyncio
-
             value = asyncio.run(_await(value))
         return Outcome(states.SUCCESS, value, None, time.perf_counter() - started)
-    except Exception as exc:
+    except BaseException as exc:  # SystemExit, KeyboardInterrupt too: the task failed
         return _failure(exc, started)
     finally:
         _current.reset(token)
@@ -257,7 +256,9 @@ async def execute_async(task: Task[Any, Any], request: Request) -> Outcome:
     try:
         value = await task.run(*_bound_args(task, request), **request.kwargs)
         return Outcome(states.SUCCESS, value, None, time.perf_counter() - started)
-    except Exception as exc:
+    except asyncio.CancelledError:
+        raise
+    except BaseException as exc:  # SystemExit, KeyboardInterrupt too: the task failed
         return _failure(exc, started)
 
 

@@ -16,6 +16,7 @@ it instead of polling.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from collections.abc import Sequence
@@ -157,7 +158,7 @@ class SQLiteBackend(Backend):
 
     def _wait_for_change(self, task_id: str, timeout: float, attempt: int) -> None:
         listener: Listener | None = getattr(self._local, "listener", None)
-        if listener is None:
+        if listener is None or listener.pid != os.getpid():  # none yet, or the parent's
             # Listen first, then let the caller read again: no ring can fall in between.
             self._local.listener = Listener(self._bell_dir)
             return

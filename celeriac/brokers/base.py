@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 class Consumer(ABC):
     """One worker process's stream of messages from a set of queues."""
 
+    #: Whether a pending ``get()`` may be cancelled without losing what it was taking.
+    cancel_safe = False
+
     @abstractmethod
     async def get(self, limit: int, timeout: float) -> list[Message]:
         """Up to ``limit`` messages, waiting up to ``timeout`` s for the first one."""

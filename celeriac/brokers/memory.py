@@ -66,6 +66,8 @@ class MemoryBroker(Broker):
 
 
 class MemoryConsumer(Consumer):
+    cancel_safe = True  # get() takes messages in one synchronous step
+
     def __init__(self, store: _Store, queues: list[str]) -> None:
         self.store = store
         self.queues = queues

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -55,6 +56,8 @@ CREATE TABLE IF NOT EXISTS celeriac_messages (
 );
 CREATE INDEX IF NOT EXISTS celeriac_messages_order
     ON celeriac_messages (queue, priority DESC, id);
+CREATE INDEX IF NOT EXISTS celeriac_messages_due
+    ON celeriac_messages (queue, visible_at);
 CREATE TABLE IF NOT EXISTS celeriac_dead_letters (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     queue TEXT NOT NULL,
@@ -65,6 +68,7 @@ CREATE TABLE IF NOT EXISTS celeriac_dead_letters (
 """
 
 T = TypeVar("T")
+log = logging.getLogger("celeriac.broker")
 _INSERT = ("INSERT INTO celeriac_messages (queue, priority, visible_at, payload) "
            "VALUES (?, ?, ?, ?)")
 
@@ -122,8 +126,9 @@ class SQLiteBroker(Broker):
         marks = ",".join("?" * len(queues))
         cur = retry_busy(
             self.connections.get().execute,
-            f"DELETE FROM celeriac_messages WHERE owner IS NULL AND queue IN ({marks})",
-            tuple(queues),
+            f"DELETE FROM celeriac_messages WHERE queue IN ({marks}) "
+            "AND (owner IS NULL OR visible_at <= ?)",  # a lapsed lease: its consumer is gone
+            (*queues, time.time()),
         )
         return cur.rowcount
 
@@ -146,6 +151,8 @@ class SQLiteBroker(Broker):
 class SQLiteConsumer(Consumer):
     """Runs every SQLite call on the worker process's I/O thread, off its event loop."""
 
+    cancel_safe = True  # get() takes messages in one synchronous step
+
     def __init__(self, broker: SQLiteBroker, queues: list[str], name: str,
                  io: Executor) -> None:
         self.broker = broker
@@ -162,8 +169,10 @@ class SQLiteConsumer(Consumer):
             "UPDATE celeriac_messages SET owner = ?, visible_at = ?, deliveries = deliveries + 1 "
             "WHERE id IN (SELECT id FROM celeriac_messages "
             f"WHERE queue IN ({marks}) AND visible_at <= ? ORDER BY priority DESC, id LIMIT ?) "
-            "RETURNING id, queue, deliveries, payload"
+            "RETURNING priority, id, queue, deliveries, payload"
         )
+        self._due_sql = ("SELECT min(visible_at) FROM celeriac_messages "
+                         f"WHERE queue IN ({marks}) AND owner IS NULL")
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run one short SQLite step on the loop thread; wait for the write lock without
@@ -186,6 +195,15 @@ class SQLiteConsumer(Consumer):
         self._rung = rung
         return rung
 
+    def _mark(self, mark: Callable[[], None]) -> None:
+        """Mark the listener busy or idle; follow it if it had to bind a new socket."""
+        fd, generation = self._listener.fileno(), self._listener.generation
+        mark()
+        if self._listener.generation != generation:
+            loop = asyncio.get_running_loop()
+            loop.remove_reader(fd)  # the old socket is closed already
+            loop.add_reader(self._listener.fileno(), self._on_ring)
+
     def _on_ring(self) -> None:
         self._listener.drain()
         if self._rung is not None:
@@ -199,16 +217,17 @@ class SQLiteConsumer(Consumer):
             rung.clear()
             messages = await self._call(self._fetch, limit)
             if messages:
-                self._listener.busy()
+                self._mark(self._listener.busy)
                 return messages
             if not self._listener.is_idle:
-                self._listener.idle()  # producers ring us from now on: look once more
+                self._mark(self._listener.idle)  # producers ring us from now on: look again
                 continue
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return []
+            due = await self._call(self._next_due)  # a message with an eta wakes us too
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(rung.wait(), min(remaining, IDLE_RECHECK))
+                await asyncio.wait_for(rung.wait(), min(remaining, IDLE_RECHECK, due))
 
     def _fetch(self, limit: int) -> list[Message]:
         conn = self.broker.connections.get()
@@ -217,9 +236,9 @@ class SQLiteConsumer(Consumer):
             rows = conn.execute(
                 self._fetch_sql, (self.name, now + self.lease, *self.queues, now, limit)
             ).fetchall()
-        rows.sort()
+        rows.sort(key=lambda row: (-row[0], row[1]))  # RETURNING keeps no order
         messages = []
-        for row_id, queue, deliveries, payload in rows:
+        for _priority, row_id, queue, deliveries, payload in rows:
             self._held.add(row_id)
             try:
                 message = decode_envelope(payload, queue)
@@ -230,6 +249,12 @@ class SQLiteConsumer(Consumer):
             message.redelivered = deliveries > 1
             messages.append(message)
         return messages
+
+    def _next_due(self) -> float:
+        """Seconds until the next waiting message of our queues becomes visible."""
+        conn = self.broker.connections.get()
+        row = conn.execute(self._due_sql, (*self.queues,)).fetchone()
+        return IDLE_RECHECK if row[0] is None else max(0.0, row[0] - time.time())
 
     async def ack(self, messages: Sequence[Message]) -> None:
         ids = [m.tag for m in messages]
@@ -291,7 +316,10 @@ class SQLiteConsumer(Consumer):
     async def _renew_forever(self) -> None:
         while True:
             await asyncio.sleep(self.lease / 3)
-            await self._call(self._renew)
+            try:
+                await self._call(self._renew)
+            except Exception:  # keep renewing: a lapsed lease means a task run twice
+                log.exception("renewing message leases failed; trying again")
 
     def _renew(self) -> None:
         if not self._held:

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import os
@@ -18,11 +19,19 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from .. import states
 from ..backends.base import Record, history_entry
-from ..exceptions import DecodeError, EncodeError, NotRegistered, TaskRevokedError, UnsafeTaskId
+from ..exceptions import (
+    CeleriacError,
+    DecodeError,
+    EncodeError,
+    NotRegistered,
+    TaskRevokedError,
+    UnsafeTaskId,
+)
 from ..protocol import Message, TaskCall, parse_task_message, saferepr, task_id_of
 from ..serialization import accepted_content_types
 from ..task import Outcome, Request, Task, _current, execute_async, execute_sync
@@ -41,7 +50,7 @@ HAND_BACK_AFTER = 0.05
 #: and stops waiting once it holds this many records.
 COALESCE_FOR = 0.002
 COALESCE_MAX = 256
-#: How long a failing backend or broker write is retried before it is given up (seconds).
+#: Pauses between attempts at a write the store did not take (seconds; then 8 s each).
 WRITE_RETRY_DELAYS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8)
 
 
@@ -105,7 +114,6 @@ class Writer:
                 return
 
     async def run(self) -> None:
-        backend = self.process.app.backend
         while True:
             await self._wake.wait()
             await self._gather()
@@ -113,22 +121,7 @@ class Writer:
             records, self._records = self._records, []
             acks, self._acks = self._acks, []
             waiters, self._waiters = self._waiters, []
-            error: BaseException | None = None
-            for delay in (*WRITE_RETRY_DELAYS, None):
-                try:
-                    await self.process.consumer.settle(backend, records, acks, self.process.io)
-                    error = None
-                    break
-                except Exception as exc:  # the store is unhappy: keep the writes, retry
-                    error = exc
-                    if delay is None:
-                        break
-                    log.warning("writing %d results / %d acks failed (%s); retrying in %ss",
-                                len(records), len(acks), exc, delay)
-                    await asyncio.sleep(delay)
-            if error is not None:
-                log.error("gave up writing %d results and %d acks: %r",
-                          len(records), len(acks), error)
+            error = await self._write(records, acks)
             for fut in waiters:
                 if not fut.done():
                     if error is None:
@@ -137,6 +130,51 @@ class Writer:
                         fut.set_exception(error)
             if not self._records and not self._acks:
                 self._idle.set()
+
+    async def _write(self, records: list[Record], acks: list[Message]) -> BaseException | None:
+        """Write a batch; returns the error that made a record fail for good, if any.
+
+        First all of it at once (one transaction where the stores allow).  If that fails,
+        each record alone, then the acks, so one bad record cannot hold back or take down
+        the others.  A store that is down is retried until it answers (with pauses up to
+        8 s); a record the store refuses for good (bad id, unencodable) is logged and
+        dropped, alone."""
+        settle = self.process.consumer.settle
+        backend, io = self.process.app.backend, self.process.io
+        try:
+            await settle(backend, records, acks, io)
+            return None
+        except Exception as exc:
+            log.warning("writing %d results and %d acks failed (%r); writing them one by one",
+                        len(records), len(acks), exc)
+        error: BaseException | None = None
+        for record in records:
+            failed = await _retrying(partial(settle, backend, [record], [], io),
+                                     f"the {record.entry['state']} of task {record.task_id}")
+            error = error or failed
+        if acks:
+            await _retrying(partial(settle, backend, [], acks, io), f"{len(acks)} acks")
+        return error
+
+
+def _permanent(exc: BaseException) -> bool:
+    """Errors that retrying cannot mend (as opposed to a store that is down or busy)."""
+    return isinstance(exc, CeleriacError | TypeError | ValueError | KeyError)
+
+
+async def _retrying(write: Any, what: str) -> BaseException | None:
+    pauses = iter(WRITE_RETRY_DELAYS)
+    while True:
+        try:
+            await write()
+            return None
+        except Exception as exc:
+            if _permanent(exc):
+                log.error("dropped %s: %r", what, exc)
+                return exc
+            pause = next(pauses, WRITE_RETRY_DELAYS[-1])
+            log.warning("writing %s failed (%r); retrying in %ss", what, exc, pause)
+            await asyncio.sleep(pause)
 
 
 class WorkerProcess:
@@ -158,6 +196,7 @@ class WorkerProcess:
         self._sync_slot = asyncio.Semaphore(1)
         self._paused = False  # handed a message back: fetch nothing until the thread is free
         self._started: set[asyncio.Task[None]] = set()
+        self._writer_task: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ main loop
 
@@ -168,10 +207,11 @@ class WorkerProcess:
         name = f"{self.hostname}/{os.getpid()}/{os.urandom(3).hex()}"
         self.consumer = self.app.broker.consumer(self.queues, name=name, io=self.io)
         self.writer = Writer(self)
-        writer_task = loop.create_task(self.writer.run())
+        writer_task = self._writer_task = loop.create_task(self.writer.run())
         expirer = loop.create_task(self._expire_results()) if self.housekeeper else None
         stop = loop.create_task(self.stopping.wait())
         first = asyncio.FIRST_COMPLETED
+        broker_errors = 0
         try:
             while not self.stopping.is_set():
                 room = self.prefetch - len(self._running)
@@ -185,11 +225,25 @@ class WorkerProcess:
                     continue
                 getter = loop.create_task(self.consumer.get(room, timeout=1.0))
                 await asyncio.wait({getter, stop}, return_when=first)
-                if not getter.done():
-                    getter.cancel()  # what it may have taken is released by consumer.close()
-                    await asyncio.gather(getter, return_exceptions=True)
+                if not getter.done() and self.consumer.cancel_safe:
+                    getter.cancel()
+                # A fetch that cannot be cut short returns within its timeout; what it
+                # took is released when the consumer closes.
+                try:
+                    messages = await getter
+                except asyncio.CancelledError:
+                    if not self.stopping.is_set():
+                        raise
                     continue
-                for message in getter.result():
+                except Exception as exc:
+                    pause = min(2.0 ** broker_errors * 0.1, 10.0)
+                    broker_errors += 1
+                    log.warning("fetching from the broker failed (%r); retrying in %.1fs",
+                                exc, pause)
+                    await asyncio.wait({stop}, timeout=pause)
+                    continue
+                broker_errors = 0
+                for message in messages:
                     t = loop.create_task(self.handle(message))
                     self._running.add(t)
                     t.add_done_callback(self._finished)
@@ -232,7 +286,8 @@ class WorkerProcess:
                 t.cancel()
         if self._running:
             await asyncio.gather(*self._running, return_exceptions=True)
-        await self.writer.flushed()
+        if self._writer_task is not None and not self._writer_task.done():
+            await self.writer.flushed()
         await self.consumer.close()
         self.io.shutdown(wait=True)
         self.task_thread.shutdown(wait=True)
@@ -240,6 +295,16 @@ class WorkerProcess:
     # ------------------------------------------------------------------ one message
 
     async def handle(self, message: Message) -> None:
+        try:
+            await self._handle(message)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug or a message we did not foresee: never leave it held
+            log.exception("Unexpected error handling a message; setting it aside")
+            with contextlib.suppress(Exception):
+                await self._set_aside(message, f"unexpected error: {exc!r}", exc)
+
+    async def _handle(self, message: Message) -> None:
         try:
             call = parse_task_message(message, self.accept)
         except (DecodeError, UnsafeTaskId) as exc:
@@ -257,7 +322,7 @@ class WorkerProcess:
         if self._expired(call):
             self.writer.ack(message)
             await self._finish(task, call, request, Outcome(
-                states.REVOKED, TaskRevokedError("expired"), None, 0.0), ignore=False)
+                states.REVOKED, TaskRevokedError("expired"), None, 0.0), ignore=ignore)
             log.info("Task %s[%s] expired: revoked", call.name, call.id)
             return
         await self._wait_for_eta(call)
