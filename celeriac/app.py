@@ -198,8 +198,8 @@ class Celeriac:
             root_id=(parent.root_id or parent.id) if parent else None,
             parent_id=parent.id if parent else None,
             eta=eta_from(countdown, eta, now), expires=expires_from(expires, now),
-            time_limit=time_limit or conf.task_time_limit,
-            soft_time_limit=soft_time_limit or conf.task_soft_time_limit,
+            time_limit=time_limit or conf.get("task_time_limit"),
+            soft_time_limit=soft_time_limit or conf.get("task_soft_time_limit"),
             ignore_result=ignore_result,
             priority=priority if priority is not None else conf.task_default_priority,
         )

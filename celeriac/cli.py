@@ -58,10 +58,6 @@ def _load(ctx: click.Context) -> Celeriac:
     if not opts.get("app"):
         raise click.UsageError("give the app with -A module (e.g. celeriac -A tasks worker)")
     app = find_app(opts["app"])
-    if opts.get("broker"):
-        app.conf.broker_url = opts["broker"]
-    if opts.get("result_backend"):
-        app.conf.result_backend = opts["result_backend"]
     for module in (*app.conf.imports, *app.conf.include):
         importlib.import_module(module)
     return app
@@ -78,6 +74,11 @@ def main(app: str | None, broker: str | None, result_backend: str | None,
     """celeriac: a distributed task queue with Celery's API, protocol and result format."""
     if workdir:
         os.chdir(workdir)
+    # as Celery does: the command line wins over the configuration and the environment
+    if broker:
+        os.environ["CELERY_BROKER_URL"] = broker
+    if result_backend:
+        os.environ["CELERY_RESULT_BACKEND"] = result_backend
 
 
 @main.command()
@@ -169,7 +170,11 @@ def _args(message: Any) -> str:
 @click.option("-Q", "--queues", help="Comma-separated queues (default: task_default_queue).")
 @click.pass_context
 def purge(ctx: click.Context, force: bool, queues: str | None) -> None:
-    """Delete every waiting message in the queues (running tasks are not affected)."""
+    """Delete every waiting message in the queues (default: task_default_queue).
+
+    Messages held by a running worker are not touched; messages whose worker died
+    (lapsed lease) are deleted too.
+    """
     app = _load(ctx)
     qs = [q.strip() for q in (queues or app.conf.task_default_queue).split(",") if q.strip()]
     if not force:

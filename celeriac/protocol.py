@@ -326,11 +326,15 @@ def _resolve_exception_class(name: str, module: str | None) -> type[BaseExceptio
         obj: Any = builtins
     else:
         obj = sys.modules.get(module)
-        if obj is None:
+        if obj is None and module.partition(".")[0] in sys.modules:
+            # a module of a package this process already uses (myapp.errors when myapp
+            # is imported); anything else is never imported on a stored name's say-so
             try:
                 obj = importlib.import_module(module)
             except Exception:
-                return _synthesize(name, module)
+                obj = None
+        if obj is None:
+            return _synthesize(name, module)
     try:
         for part in name.split("."):
             obj = getattr(obj, part)

@@ -7,6 +7,7 @@ import contextvars
 import inspect
 import time
 import traceback as tb
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -76,6 +77,17 @@ class Outcome:
     runtime: float
 
 
+#: Celery task options that are accepted (and carried in messages where Celery puts them)
+#: but not acted on by celeriac yet; setting one warns.
+NOT_IMPLEMENTED_OPTIONS = frozenset({
+    "time_limit", "soft_time_limit", "max_retries", "default_retry_delay", "rate_limit",
+    "autoretry_for", "dont_autoretry_for", "retry_kwargs", "retry_backoff",
+    "retry_backoff_max", "retry_jitter", "throws", "store_errors_even_if_ignored",
+    "reject_on_worker_lost", "send_events", "expires", "trail", "base", "shared",
+    "pydantic", "lazy",
+})
+
+
 class Task(Generic[P, R]):
     """A registered task.  Call it to run it here; ``delay`` / ``apply_async`` to queue it."""
 
@@ -86,10 +98,6 @@ class Task(Generic[P, R]):
     serializer: str | None = None
     queue: str | None = None
     priority: int | None = None
-    time_limit: float | None = None
-    soft_time_limit: float | None = None
-    max_retries: int | None = 3
-    default_retry_delay: float = 180
     typing: bool = True
 
     def __init__(self, app: Celeriac, fun: Callable[..., Any], name: str, bind: bool = False,
@@ -100,7 +108,11 @@ class Task(Generic[P, R]):
         self.bind = bind
         self.is_async = inspect.iscoroutinefunction(fun)
         for key, value in options.items():
-            if not hasattr(type(self), key):
+            if key in NOT_IMPLEMENTED_OPTIONS:
+                warnings.warn(f"task option {key!r} of task {name} is a Celery option "
+                              "celeriac does not implement; it has no effect",
+                              UserWarning, stacklevel=3)
+            elif not hasattr(type(self), key):
                 raise TypeError(f"unknown task option {key!r} for task {name}")
             setattr(self, key, value)
         self.__doc__ = fun.__doc__
@@ -162,8 +174,8 @@ class Task(Generic[P, R]):
             serializer=serializer or self.serializer,
             ignore_result=self._option("ignore_result") if ignore_result is None
             else ignore_result,
-            time_limit=time_limit or self.time_limit,
-            soft_time_limit=soft_time_limit or self.soft_time_limit,
+            time_limit=time_limit or getattr(self, "time_limit", None),
+            soft_time_limit=soft_time_limit or getattr(self, "soft_time_limit", None),
             **options,
         )
 
@@ -209,11 +221,12 @@ class Task(Generic[P, R]):
         never be overtaken by the task's own STARTED or final state.  A task function
         called directly (``add(2, 3)``) has no id: without ``task_id`` nothing is stored.
         """
+        if not state:
+            raise ValueError("update_state() needs a state, e.g. state='PROGRESS'")
         request = _current.get()
         task_id = task_id or (request.id if request else None)
         if task_id is None:
             return
-        state = state or states.PENDING
         if request is not None and request.state_sink is not None:
             request.state_sink(task_id, state, meta)
         else:

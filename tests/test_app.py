@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import time
 import warnings
 
 import pytest
@@ -152,6 +153,7 @@ def test_memory_broker_with_an_in_process_worker():
         assert pending.get(timeout=5) == 2
     assert [h["state"] for h in pending.history] == ["PENDING", "RECEIVED", "ADDING", "SUCCESS"]
     after = add.delay(0, 0)
+    time.sleep(0.3)
     assert after.state == states.PENDING  # no worker any more: it waits
 
 
@@ -171,3 +173,36 @@ def test_apply_async_options_and_unsafe_ids():
         f.apply_async((1,), task_id="../../etc/passwd")
     s = app.send_task("elsewhere.task", (1, 2), task_id="sent-1")
     assert s.id == "sent-1" and s.state == states.PENDING and s.exists()
+
+
+def test_one_failing_write_does_not_hold_back_the_others():
+    """The store refuses one record for good: only that write fails (the task calling
+    update_state sees the error); other tasks' results are written at once."""
+    from celeriac.backends.memory import MemoryBackend
+    from celeriac.testing import start_worker
+
+    class Refusing(MemoryBackend):
+        def record(self, records):
+            if any(r.task_id == "refused-1" for r in records):
+                raise ValueError("this store refuses refused-1")
+            return super().record(records)
+
+    app = Celery("w", broker="memory://refusing")
+    app._backend = Refusing(app, "memory://refusing")
+
+    @app.task(bind=True)
+    def reports(self):
+        self.update_state(task_id="refused-1", state="PROGRESS")
+
+    @app.task
+    def ok(x):
+        return x
+
+    with start_worker(app):
+        bad = reports.delay()
+        goods = [ok.delay(i) for i in range(5)]
+        started = time.monotonic()
+        assert [g.get(timeout=5) for g in goods] == list(range(5))
+        assert time.monotonic() - started < 2
+        with pytest.raises(ValueError, match="refuses refused-1"):
+            bad.get(timeout=5)

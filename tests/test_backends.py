@@ -85,7 +85,13 @@ def test_unsafe_ids_are_refused(app, bad, tmp_path):
     with pytest.raises(UnsafeTaskId):
         app.backend.store(bad, states.SUCCESS, 1)
     with pytest.raises(UnsafeTaskId):
-        app.AsyncResult(bad).forget()
+        app.backend.prepare_record(bad, "PROGRESS", {"x": 1})
+    with pytest.raises(UnsafeTaskId):
+        app.backend.append_history(bad, states.PENDING)
+    with pytest.raises(UnsafeTaskId):
+        app.backend.forget(bad)
+    with pytest.raises(UnsafeTaskId):
+        app.AsyncResult(bad)
     assert not (tmp_path / "etc").exists()
 
 
@@ -217,7 +223,7 @@ def test_cleanup_removes_only_old_ready_results(kind, tmp_path):
     import time
 
     app = make_app(kind, tmp_path)
-    app.conf.timezone = "Asia/Tokyo"  # Celery's file cleanup deletes fresh results here
+    app.conf.timezone = "Asia/Tokyo"  # the cutoff is epoch seconds: the zone must not matter
     old, running, fresh = new_id(), new_id(), new_id()
     app.backend.store(old, states.SUCCESS, 1)
     app.backend.store(running, states.STARTED, {"pid": 1})

@@ -69,6 +69,10 @@ def unserializable_result():
 @app.task(queue='other')
 def routed():
     return 'other'
+
+@app.task
+def exits():
+    raise SystemExit(3)
 """
 
 
@@ -290,3 +294,68 @@ def test_result_extended_fields_in_celerys_order(project, workers):
         "exttasks.mul", [6, 7], {}, 0, "celery")
     assert meta["worker"] == "w1@" + os.uname().nodename
     assert (r.name, r.args, r.queue) == ("exttasks.mul", [6, 7], "celery")
+
+
+def test_a_task_raising_systemexit_fails_and_the_worker_goes_on(tasks, project, workers):
+    workers.append(Worker(project, "tasks", concurrency=1))
+    r = tasks.exits.delay()
+    with pytest.raises(SystemExit):
+        r.get(timeout=10)
+    assert r.state == states.FAILURE
+    assert tasks.add.delay(1, 1).get(timeout=10) == 2
+
+
+def test_a_message_with_a_bad_header_is_set_aside(tasks, project, workers):
+    tasks.add.delay(0, 0).forget()  # creates the database
+    bad_id = new_id()
+    envelope = {
+        "body": base64.b64encode(b"[[1, 2], {}, {}]").decode(),
+        "content-encoding": "utf-8", "content-type": "application/json",
+        "headers": {"lang": "py", "task": "tasks.add", "id": bad_id, "retries": "abc"},
+        "properties": {"body_encoding": "base64", "correlation_id": bad_id},
+    }
+    with _db(project) as db:
+        db.execute("INSERT INTO celeriac_messages (queue, priority, visible_at, payload) "
+                   "VALUES ('celery', 0, 0, ?)", (json.dumps(envelope).encode(),))
+    workers.append(Worker(project, "tasks", concurrency=1))
+    with pytest.raises(DecodeError, match="header 'retries' must be an integer"):
+        tasks.app.AsyncResult(bad_id).get(timeout=10)
+    assert tasks.add.delay(2, 2).get(timeout=10) == 4
+    assert _db(project).execute("SELECT count(*) FROM celeriac_messages").fetchone()[0] == 0
+
+
+def test_priorities_run_highest_first(tasks, project, workers):
+    order = [0, 9, 5, 9, 0, 3]
+    rs = [tasks.sleepy.apply_async((0, i), priority=p) for i, p in enumerate(order)]
+    workers.append(Worker(project, "tasks", concurrency=1))
+    for r in rs:
+        r.get(timeout=10)
+    ran = sorted(rs, key=lambda r: r.history[-1]["timestamp"])
+    assert [order[r.result] for r in ran] == [9, 9, 5, 3, 0, 0]
+    assert [r.result for r in ran][:2] == [1, 3]  # FIFO within a priority
+
+
+def test_countdown_runs_on_time(tasks, project, workers):
+    workers.append(Worker(project, "tasks", concurrency=1))
+    tasks.add.delay(0, 0).get(timeout=10)  # the worker is up and idle
+    for countdown in (0.3, 0.6):
+        sent = time.time()
+        r = tasks.add.apply_async((1, 1), countdown=countdown)
+        assert r.get(timeout=10) == 2
+        started = [h for h in r.history if h["state"] == states.RECEIVED][0]["timestamp"]
+        late = started.timestamp() - (sent + countdown)
+        assert 0 <= late < 0.25, late
+
+
+def test_a_removed_bell_socket_is_bound_again(tasks, project, workers):
+    workers.append(Worker(project, "tasks", concurrency=1))
+    assert tasks.add.delay(1, 1).get(timeout=10) == 2
+    bell = project / "celeriac.db-bell" / "queues"
+    for sock in bell.iterdir():
+        sock.unlink()
+    assert tasks.add.delay(1, 2).get(timeout=10) == 3  # found by the idle re-check
+    time.sleep(0.2)
+    assert [p.suffix for p in bell.iterdir()] == [".idle"]  # the worker listens again
+    started = time.monotonic()
+    assert tasks.add.delay(1, 3).get(timeout=10) == 4
+    assert time.monotonic() - started < 0.5  # rung, not found by the 1 s re-check

@@ -146,6 +146,7 @@ class Backend(ABC):
         entry_meta: Any = None,
     ) -> Record:
         """Build the Celery meta and the history entry for setting ``state``."""
+        check_task_id(task_id)
         if isinstance(result, BaseException):
             result = exception_to_dict(result)
         date_done = self.app.now().isoformat() if state in states.READY_STATES else None
@@ -157,7 +158,6 @@ class Backend(ABC):
 
     def store(self, task_id: str, state: str, result: Any = None, **kw: Any) -> bool:
         """Set one state now (under the transition rule); True when it was written."""
-        check_task_id(task_id)
         return self.record([self.prepare_record(task_id, state, result, **kw)])[0]
 
     def append_history(self, task_id: str, state: str, meta: Any = None,

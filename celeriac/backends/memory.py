@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from .. import states
+from ..protocol import check_task_id
 from .base import Backend, Record
 
 if TYPE_CHECKING:
@@ -56,6 +57,7 @@ class MemoryBackend(Backend):
         return [dict(e) for e in self._mem.histories.get(task_id, ())]
 
     def forget(self, task_id: str) -> None:
+        check_task_id(task_id)
         with self._mem.cond:
             self._mem.metas.pop(task_id, None)
             self._mem.histories.pop(task_id, None)
