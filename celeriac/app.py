@@ -79,10 +79,11 @@ class Celeriac:
     def default_backend_url(self) -> str | None:
         """The result backend used when none is configured: the broker's own store.
 
-        ``sqlite://`` broker -> the same SQLite file; ``memory://`` -> ``memory://``.
+        ``sqlite://`` broker -> the same SQLite file; ``redis://`` -> the same Redis
+        server and database; ``memory://`` -> ``memory://``.
         """
         url = self.broker_url
-        if url.startswith("sqlite://"):
+        if url.startswith(("sqlite://", "redis://", "rediss://")):
             return url
         if url.startswith("memory://"):
             return "memory://"

@@ -102,3 +102,56 @@ def write_module(directory: Path, name: str, source: str) -> Path:
     path = directory / f"{name}.py"
     path.write_text(textwrap.dedent(source))
     return path
+
+
+# --------------------------------------------------------------------------- servers
+
+REDIS_HOST = os.environ.get("CELERIAC_TEST_REDIS", "127.0.0.1:6379")
+_redis_dbs = iter(range(1, 16))
+
+
+def need_server(name: str, reason: str) -> None:
+    """A test that needs a server: fails in CI (CI=true), skips elsewhere."""
+    message = f"{name} is not reachable: {reason}"
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    """A Redis database of this test's own (1-15, flushed before and after)."""
+    import redis
+
+    global _redis_dbs
+    try:
+        db = next(_redis_dbs)
+    except StopIteration:
+        _redis_dbs = iter(range(1, 16))
+        db = next(_redis_dbs)
+    url = f"redis://{REDIS_HOST}/{db}"
+    client = redis.Redis.from_url(url)
+    try:
+        client.flushdb()
+    except redis.RedisError as exc:
+        need_server("Redis", repr(exc))
+    yield url
+    client.flushdb()
+    client.close()
+
+
+class CeleryWorker(Worker):
+    """A real Celery 5.7 worker (solo pool) on a module in the project directory."""
+
+    def __init__(self, cwd: Path, app: str, env: dict[str, str] | None = None) -> None:
+        self.cwd = cwd
+        self.log_path = cwd / f"celery-worker-{time.monotonic_ns()}.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", app, "worker", "-P", "solo", "-l", "INFO",
+             "--without-heartbeat", "--without-mingle", "--without-gossip"],
+            cwd=cwd, env=full_env, stdout=self._log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.wait_for_log(" ready.", timeout=60)

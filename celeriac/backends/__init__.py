@@ -19,6 +19,10 @@ def backend_from_url(app: Celeriac, url: str) -> Backend:
         from .sqlite import SQLiteBackend
 
         return SQLiteBackend(app, url)
+    if scheme in ("redis", "rediss"):
+        from .redis import RedisBackend
+
+        return RedisBackend(app, url)
     if scheme == "file":
         from .file import FileBackend
 
@@ -29,5 +33,5 @@ def backend_from_url(app: Celeriac, url: str) -> Backend:
         return MemoryBackend(app, url)
     raise ImproperlyConfigured(
         f"no result backend for URL scheme {scheme!r} ({url!r}); celeriac speaks "
-        "sqlite://, file:// and memory://"
+        "sqlite://, redis://, rediss://, file:// and memory://"
     )

@@ -1,0 +1,206 @@
+"""``redis://`` / ``rediss://`` results, stored as Celery's Redis backend stores them.
+
+Layout (inspect with ``redis-cli``)::
+
+    celery-task-meta-<id>       STRING  the Celery meta (result_serializer bytes), TTL
+                                        result_expires (default one day)
+    celeriac-task-history-<id>  LIST    the history, one JSON object per entry, same TTL
+
+Every state write also PUBLISHes the meta on the channel named like the key, as Celery
+does, so Celery's ``get()`` and celeriac's wake up at once.  The transition rule runs in
+Redis: a Lua script reads the stored status, refuses to replace a ready one, and writes
+meta, publish and history in the same atomic step (for a non-JSON result serializer,
+where Lua cannot read the status, an optimistic WATCH/MULTI transaction does the same).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+import redis
+
+from .. import serialization, states
+from ..protocol import check_task_id
+from .base import Backend, Record
+
+if TYPE_CHECKING:
+    from ..app import Celeriac
+
+META_PREFIX = "celery-task-meta-"
+HISTORY_PREFIX = "celeriac-task-history-"
+#: Longest a waiter blocks on pub/sub before it reads the key again (missed messages).
+WAIT_RECHECK = 1.0
+
+_READY = ", ".join(f"'{s}'" for s in sorted(states.READY_STATES))
+# KEYS: meta, history.  ARGV: payload, history entry, ttl seconds (0: none).
+_SET_STATE = f"""
+local current = redis.call('GET', KEYS[1])
+if current then
+  local ok, meta = pcall(cjson.decode, current)
+  if ok and type(meta) == 'table' then
+    local ready = {{}}
+    for _, s in ipairs({{{_READY}}}) do ready[s] = true end
+    if ready[meta.status] then return 0 end
+  end
+end
+local ttl = tonumber(ARGV[3])
+if ttl > 0 then
+  redis.call('SETEX', KEYS[1], ttl, ARGV[1])
+else
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+redis.call('PUBLISH', KEYS[1], ARGV[1])
+redis.call('RPUSH', KEYS[2], ARGV[2])
+if ttl > 0 then redis.call('EXPIRE', KEYS[2], ttl) end
+return 1
+"""
+
+
+def meta_key(task_id: str) -> str:
+    return META_PREFIX + task_id
+
+
+def history_key(task_id: str) -> str:
+    return HISTORY_PREFIX + task_id
+
+
+class RedisBackend(Backend):
+    wakes_waiters = True
+
+    def __init__(self, app: Celeriac, url: str) -> None:
+        super().__init__(app, url)
+        expires = app.conf.result_expires
+        seconds = expires.total_seconds() if isinstance(expires, timedelta) else expires
+        self.ttl = int(seconds) if seconds else 0
+        self._client: redis.Redis | None = None
+        self._pid = 0
+        self._sha = ""
+        self._local = threading.local()
+        self._lua_reads_meta = self.serializer == "json"
+
+    @property
+    def client(self) -> redis.Redis:
+        if self._client is None or self._pid != os.getpid():
+            self._client = redis.Redis.from_url(self.url)
+            self._sha = self._client.script_load(_SET_STATE)
+            self._pid = os.getpid()
+        return self._client
+
+    def _get(self, task_id: str) -> bytes | None:
+        value = self.client.get(meta_key(task_id))
+        return None if value is None else _bytes(value)
+
+    def record(self, records: Sequence[Record]) -> list[bool]:
+        if not self._lua_reads_meta:
+            return [self._record_watched(r) for r in records]
+        try:
+            return self._record_scripted(records)
+        except redis.exceptions.NoScriptError:  # the server restarted: load it again
+            self._sha = self.client.script_load(_SET_STATE)
+            return self._record_scripted(records)
+
+    def _record_scripted(self, records: Sequence[Record]) -> list[bool]:
+        with self.client.pipeline(transaction=False) as pipe:
+            for r in records:
+                entry = _entry_json(r)
+                if r.state is None:
+                    pipe.rpush(history_key(r.task_id), entry)
+                    if self.ttl:
+                        pipe.expire(history_key(r.task_id), self.ttl)
+                else:
+                    pipe.evalsha(self._sha, 2, meta_key(r.task_id), history_key(r.task_id),
+                                 r.payload, entry, self.ttl)  # type: ignore[arg-type]
+            replies = pipe.execute()
+        applied = []
+        i = 0
+        for r in records:
+            if r.state is None:
+                applied.append(True)
+                i += 2 if self.ttl else 1
+            else:
+                applied.append(bool(replies[i]))
+                i += 1
+        return applied
+
+    def _record_watched(self, r: Record) -> bool:
+        """The transition rule with WATCH/MULTI, for metas Lua cannot decode (pickle)."""
+        mkey, hkey = meta_key(r.task_id), history_key(r.task_id)
+        with self.client.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    if r.state is not None:
+                        pipe.watch(mkey)
+                        current = pipe.get(mkey)
+                        if current is not None:
+                            status = self.decode_meta(_bytes(current)).get("status")
+                            if not states.may_replace(status, r.state):
+                                pipe.reset()
+                                return False
+                        pipe.multi()
+                        if self.ttl:
+                            pipe.setex(mkey, self.ttl, r.payload)  # type: ignore[arg-type]
+                        else:
+                            pipe.set(mkey, r.payload)  # type: ignore[arg-type]
+                        pipe.publish(mkey, r.payload)  # type: ignore[arg-type]
+                    pipe.rpush(hkey, _entry_json(r))
+                    if self.ttl:
+                        pipe.expire(hkey, self.ttl)
+                    pipe.execute()
+                    return True
+                except redis.WatchError:
+                    continue
+
+    def history(self, task_id: str) -> list[dict[str, Any]]:
+        return [json.loads(x) for x in self.client.lrange(history_key(task_id), 0, -1)]
+
+    def forget(self, task_id: str) -> None:
+        check_task_id(task_id)
+        self.client.delete(meta_key(task_id), history_key(task_id))
+
+    def exists(self, task_id: str) -> bool:
+        return bool(self.client.exists(meta_key(task_id), history_key(task_id)))
+
+    def _wait_for_change(self, task_id: str, timeout: float, attempt: int) -> None:
+        """Sleep on the key's pub/sub channel: subscribe first, then let the caller read
+        again, so a write between its read and the subscription is not missed."""
+        pubsub = getattr(self._local, "pubsub", None)
+        if pubsub is None or getattr(self._local, "pid", None) != os.getpid():
+            pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+            self._local.pubsub, self._local.pid = pubsub, os.getpid()
+        channel = meta_key(task_id)
+        if getattr(self._local, "channel", None) != channel:
+            if getattr(self._local, "channel", None):
+                pubsub.unsubscribe()
+            pubsub.subscribe(channel)
+            self._local.channel = channel
+            return
+        pubsub.get_message(timeout=min(timeout, WAIT_RECHECK))
+
+    def _done_waiting(self, task_id: str) -> None:
+        """Leave the channel: a subscription nobody reads would pile up messages."""
+        if getattr(self._local, "channel", None) == meta_key(task_id):
+            self._local.pubsub.unsubscribe()
+            self._local.channel = None
+
+    def close(self) -> None:
+        pubsub = getattr(self._local, "pubsub", None)
+        if pubsub is not None and getattr(self._local, "pid", None) == os.getpid():
+            pubsub.close()
+        self._local.pubsub = None
+        self._local.channel = None
+        if self._client is not None and self._pid == os.getpid():
+            self._client.close()
+        self._client = None
+
+
+def _bytes(value: bytes | str) -> bytes:
+    return value.encode() if isinstance(value, str) else value
+
+
+def _entry_json(r: Record) -> str:
+    return serialization.json_dumps_lenient(r.entry)

@@ -1,0 +1,200 @@
+"""Redis broker and result backend: celeriac alone, and mixed with real Celery 5.7
+producers and workers on the same queue and result keys."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import time
+from datetime import UTC, datetime
+
+import celery
+import pytest
+import redis
+
+from celeriac import states
+
+from .conftest import CeleryWorker, Worker, write_module
+
+CELERIAC_TASKS = """
+import os, time
+from celeriac import Celery
+
+app = Celery('tasks', broker=os.environ['TEST_REDIS_URL'],
+             broker_transport_options={'visibility_timeout': float(os.environ.get('VT', 3600))})
+app.conf.task_track_started = True
+
+
+@app.task(bind=True)
+def add(self, x, y):
+    self.update_state(state='PROGRESS', meta={'x': x})
+    return x + y
+
+
+@app.task
+def fail(value):
+    raise ValueError('bad value', value)
+
+
+@app.task
+def structured(when):
+    return {'when': when, 'items': [1, 'two', [3.5, None]], 'ok': True}
+
+
+@app.task(acks_late=True)
+def slow(seconds):
+    time.sleep(seconds)
+    return 'slept'
+"""
+
+CELERY_TASKS = """
+import os
+from celery import Celery
+
+app = Celery('tasks', broker=os.environ['TEST_REDIS_URL'], backend=os.environ['TEST_REDIS_URL'])
+app.conf.task_track_started = True
+
+
+@app.task(bind=True, name='tasks.add')
+def add(self, x, y):
+    self.update_state(state='PROGRESS', meta={'x': x})
+    return x + y
+
+
+@app.task(name='tasks.fail')
+def fail(value):
+    raise ValueError('bad value', value)
+
+
+@app.task(name='tasks.structured')
+def structured(when):
+    return {'when': when, 'items': [1, 'two', [3.5, None]], 'ok': True}
+"""
+
+
+@pytest.fixture
+def env(project, redis_url, monkeypatch):
+    monkeypatch.setenv("TEST_REDIS_URL", redis_url)
+    return {"TEST_REDIS_URL": redis_url}
+
+
+def _celeriac(project):
+    write_module(project, "tasks", CELERIAC_TASKS)
+    return importlib.import_module("tasks")
+
+
+def _celery_client(redis_url):
+    return celery.Celery("client", broker=redis_url, backend=redis_url)
+
+
+def test_celeriac_alone_on_redis(project, env, workers, redis_url):
+    tasks = _celeriac(project)
+    assert tasks.app.result_backend_url == redis_url  # the default: the broker's server
+    workers.append(Worker(project, "tasks", env=env))
+    r = tasks.add.delay(2, 3)
+    assert r.get(timeout=10) == 5
+    assert [h["state"] for h in r.history] == [
+        "PENDING", "RECEIVED", "STARTED", "PROGRESS", "SUCCESS"]
+    with pytest.raises(ValueError, match="bad value"):
+        tasks.fail.delay(7).get(timeout=10)
+    client = redis.Redis.from_url(redis_url)
+    meta = json.loads(client.get(f"celery-task-meta-{r.id}"))
+    assert list(meta) == ["status", "result", "traceback", "children", "date_done", "task_id"]
+    assert 86000 < client.ttl(f"celery-task-meta-{r.id}") <= 86400
+    assert client.hlen("unacked") == 0 and client.zcard("unacked_index") == 0
+    assert client.sismember("_kombu.binding.celery", "celery\x06\x16\x06\x16celery")
+
+
+def test_celery_producer_celeriac_worker(project, env, workers, redis_url):
+    _celeriac(project)
+    workers.append(Worker(project, "tasks", env=env))
+    capp = _celery_client(redis_url)
+    r = capp.send_task("tasks.add", (2, 3))
+    assert r.get(timeout=10) == 5 and r.status == "SUCCESS"
+    r = capp.send_task("tasks.fail", (7,))
+    with pytest.raises(ValueError) as info:
+        r.get(timeout=10)
+    assert info.value.args == ("bad value", 7)
+    when = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    r = capp.send_task("tasks.structured", (when,))
+    assert r.get(timeout=10) == {"when": when, "items": [1, "two", [3.5, None]], "ok": True}
+    # what celeriac's worker stored, Celery reads; and celeriac reads it too
+    tasks = importlib.import_module("tasks")
+    ours = tasks.app.AsyncResult(r.id)
+    assert ours.get(timeout=1)["when"] == when
+    assert [h["state"] for h in ours.history] == ["RECEIVED", "STARTED", "SUCCESS"]
+
+
+def test_celery_sees_celeriac_custom_states(project, env, workers, redis_url):
+    write_module(project, "tasks", CELERIAC_TASKS.replace(
+        "self.update_state(state='PROGRESS', meta={'x': x})",
+        "self.update_state(state='PROGRESS', meta={'x': x}); time.sleep(1.0)"))
+    importlib.import_module("tasks")
+    workers.append(Worker(project, "tasks", env=env))
+    capp = _celery_client(redis_url)
+    r = capp.send_task("tasks.add", (4, 5))
+    seen = set()
+    deadline = time.monotonic() + 10
+    while r.state != "SUCCESS" and time.monotonic() < deadline:
+        seen.add(r.state)
+        if r.state == "PROGRESS":
+            assert r.info == {"x": 4}
+        time.sleep(0.02)
+    assert "PROGRESS" in seen and r.result == 9
+
+
+def test_celeriac_producer_celery_worker(project, env, workers, redis_url):
+    write_module(project, "ctasks", CELERY_TASKS)
+    workers.append(CeleryWorker(project, "ctasks", env=env))
+    app = importlib.import_module("celeriac").Celery("producer", broker=redis_url)
+    r = app.send_task("tasks.add", (2, 3))
+    assert r.get(timeout=15) == 5
+    assert r.state == states.SUCCESS
+    r = app.send_task("tasks.fail", (7,))
+    with pytest.raises(ValueError) as info:
+        r.get(timeout=15)
+    assert info.value.args == ("bad value", 7) and "ValueError" in r.traceback
+    when = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    r = app.send_task("tasks.structured", (when,))
+    assert r.get(timeout=15) == {"when": when, "items": [1, "two", [3.5, None]], "ok": True}
+    # celeriac's own record of sending is beside what Celery's worker stored
+    assert r.history[0]["state"] == states.PENDING
+
+
+def test_celery_and_celeriac_workers_share_one_queue(project, env, workers, redis_url):
+    tasks = _celeriac(project)
+    write_module(project, "ctasks", CELERY_TASKS)
+    workers.append(CeleryWorker(project, "ctasks", env=env))
+    workers.append(Worker(project, "tasks", env=env, concurrency=1))
+    rs = [tasks.add.delay(i, i) for i in range(60)]
+    assert [r.get(timeout=30) for r in rs] == [2 * i for i in range(60)]
+    client = redis.Redis.from_url(redis_url)
+    assert client.llen("celery") == 0 and client.hlen("unacked") == 0
+
+
+def test_a_dead_workers_message_is_restored_after_the_visibility_timeout(
+        project, env, workers, redis_url):
+    tasks = _celeriac(project)
+    w = Worker(project, "tasks", env=dict(env, VT="2"), concurrency=1)
+    r = tasks.slow.delay(1.0)
+    deadline = time.monotonic() + 10
+    while r.state != states.STARTED and time.monotonic() < deadline:
+        time.sleep(0.01)
+    w.kill_all()
+    client = redis.Redis.from_url(redis_url)
+    assert client.hlen("unacked") == 1
+    workers.append(Worker(project, "tasks", env=dict(env, VT="2"), concurrency=1))
+    assert r.get(timeout=20) == "slept"
+    assert client.hlen("unacked") == 0
+
+
+def test_redis_purge_and_priorities(project, env, redis_url):
+    tasks = _celeriac(project)
+    for p in (0, 5, 9):
+        tasks.add.apply_async((1, 1), priority=p)
+    client = redis.Redis.from_url(redis_url)
+    assert client.llen("celery") == 1 and client.llen("celery\x06\x163") == 1
+    assert client.llen("celery\x06\x169") == 1
+    assert tasks.app.broker.purge(["celery"]) == 3
+    assert os.environ["TEST_REDIS_URL"] == redis_url
