@@ -155,3 +155,31 @@ class CeleryWorker(Worker):
             start_new_session=True,
         )
         self.wait_for_log(" ready.", timeout=60)
+
+
+AMQP_URL = os.environ.get("CELERIAC_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672//")
+
+
+@pytest.fixture
+def amqp_queue() -> Iterator[str]:
+    """A RabbitMQ queue name of this test's own (deleted afterwards, with its exchange)."""
+    import uuid
+
+    import amqp
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    try:
+        conn = amqp.Connection("127.0.0.1:5672", userid="guest", password="guest")
+        conn.connect()
+    except Exception as exc:
+        need_server("RabbitMQ", repr(exc))
+    yield name
+    channel = conn.channel()
+    for q in (name, "celeriac.dead_letters"):
+        try:
+            channel.queue_delete(q)
+        except Exception:
+            channel = conn.channel()
+    with contextlib.suppress(Exception):
+        channel.exchange_delete(name)
+    conn.close()

@@ -20,11 +20,15 @@ def broker_from_url(url: str, transport_options: dict[str, Any] | None = None) -
         from .redis import RedisBroker
 
         return RedisBroker(url, transport_options)
+    if scheme in ("amqp", "pyamqp"):
+        from .amqp import AMQPBroker
+
+        return AMQPBroker(url, transport_options)
     if scheme == "memory":
         from .memory import MemoryBroker
 
         return MemoryBroker(url, transport_options)
     raise ImproperlyConfigured(
         f"no broker for URL scheme {scheme!r} ({url!r}); celeriac speaks sqlite://, "
-        "redis://, rediss:// and memory://"
+        "amqp://, pyamqp://, redis://, rediss:// and memory://"
     )

@@ -45,6 +45,13 @@ class Consumer(ABC):
     async def close(self) -> None:
         """Stop consuming; messages not acked become available to others again."""
 
+    async def pause(self) -> None:  # noqa: B027 - optional hook
+        """The worker process cannot start more tasks for a while: a broker that pushes
+        messages should stop and give back what it pushed and was not taken."""
+
+    async def resume(self) -> None:  # noqa: B027 - optional hook
+        """The worker process can take messages again."""
+
     async def settle(self, backend: Backend, records: Sequence[Record],
                      acks: Sequence[Message], io: Executor) -> None:
         """Write ``records`` to the result backend (on the ``io`` thread), then ack ``acks``.

@@ -344,7 +344,9 @@ class WorkerProcess:
                     self.task_thread, execute_sync, task, request)
             finally:
                 self._sync_slot.release()
-                self._paused = False
+                if self._paused:
+                    self._paused = False
+                    await self.consumer.resume()
                 self._slot_free.set()
         await self._finish(task, call, request, outcome, ignore=ignore)
         if acks_late:
@@ -359,7 +361,9 @@ class WorkerProcess:
             await asyncio.wait_for(self._sync_slot.acquire(), HAND_BACK_AFTER)
             return True
         except TimeoutError:
-            self._paused = True
+            if not self._paused:
+                self._paused = True
+                await self.consumer.pause()
             return False
 
     def has_unfinished_work(self) -> bool:

@@ -1,0 +1,266 @@
+"""``amqp://`` / ``pyamqp://``: RabbitMQ, declared and published to exactly as Celery does.
+
+Entities (the same as a Celery 5.7 worker declares, so either can come first)::
+
+    exchange <queue>   direct, durable            (Celery's task_default_exchange)
+    queue    <queue>   durable, no arguments      bound to the exchange with key <queue>
+    queue    celeriac.dead_letters   durable      messages set aside, with x-celeriac-reason
+
+Task messages go to the default exchange ``''`` with routing key ``<queue>``, persistent
+(``delivery_mode=2``), the Celery headers as AMQP headers and the body as its serializer
+wrote it (no base64), as Celery publishes them.
+
+Clients: the worker consumes with aio-pika (asyncio, reconnects by itself); ``delay()``
+publishes with py-amqp, a synchronous client (the one Celery itself uses), with publisher
+confirms, so ``delay()`` returns once RabbitMQ has the message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import Executor
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import aio_pika
+import amqp
+from aio_pika.abc import AbstractIncomingMessage
+
+from ..protocol import Message
+from .base import Broker, Consumer
+
+log = logging.getLogger("celeriac.broker")
+
+DEAD_LETTERS = "celeriac.dead_letters"
+
+
+def _parse(url: str) -> dict[str, Any]:
+    """kombu's reading of an AMQP URL: ``amqp://user:pass@host:port/vhost`` (``//`` = ``/``)."""
+    parts = urlsplit(url)
+    vhost = unquote(parts.path[1:]) if parts.path and parts.path != "/" else "/"
+    return {
+        "host": f"{parts.hostname or 'localhost'}:{parts.port or 5672}",
+        "userid": unquote(parts.username or "guest"),
+        "password": unquote(parts.password or "guest"),
+        "virtual_host": vhost or "/",
+    }
+
+
+def _aio_url(url: str) -> str:
+    p = _parse(url)
+    from urllib.parse import quote
+
+    return (f"amqp://{quote(p['userid'], safe='')}:{quote(p['password'], safe='')}@"
+            f"{p['host']}/{quote(p['virtual_host'], safe='')}")
+
+
+class AMQPBroker(Broker):
+    def __init__(self, url: str, transport_options: dict[str, Any] | None = None) -> None:
+        self.url = url
+        self.options = transport_options or {}
+        self._local = threading.local()
+
+    # -- producer side (synchronous, py-amqp) --------------------------------------------
+
+    def _channel(self) -> Any:
+        state = self._local
+        if getattr(state, "pid", None) != os.getpid() or state.channel is None:
+            conn = amqp.Connection(**_parse(self.url), confirm_publish=True)
+            conn.connect()
+            state.conn, state.channel, state.pid = conn, conn.channel(), os.getpid()
+            state.declared = set()
+        return state.channel
+
+    def _declare(self, channel: Any, queue: str) -> None:
+        if queue in self._local.declared:
+            return
+        channel.exchange_declare(queue, "direct", durable=True, auto_delete=False)
+        channel.queue_declare(queue, durable=True, auto_delete=False)
+        channel.queue_bind(queue, queue, queue)
+        self._local.declared.add(queue)
+
+    def publish(self, message: Message) -> None:
+        for attempt in range(3):
+            try:
+                channel = self._channel()
+                self._declare(channel, message.queue)
+                channel.basic_publish(_to_amqp(message), exchange="",
+                                      routing_key=message.queue)
+                return
+            except (OSError, amqp.exceptions.RecoverableConnectionError) as exc:
+                self._local.channel = None  # reconnect and try again
+                if attempt == 2:
+                    raise
+                log.warning("publishing failed (%r); reconnecting", exc)
+                time.sleep(0.1 * (attempt + 1))
+
+    def purge(self, queues: Sequence[str]) -> int:
+        channel = self._channel()
+        total = 0
+        for q in queues:
+            self._declare(channel, q)
+            total += channel.queue_purge(q) or 0
+        return total
+
+    def consumer(self, queues: Sequence[str], *, name: str, io: Executor) -> Consumer:
+        return AMQPConsumer(self, list(queues), name)
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None and getattr(self._local, "pid", None) == os.getpid():
+            with contextlib.suppress(Exception):
+                conn.close()
+        self._local.channel = None
+
+
+def _to_amqp(message: Message) -> amqp.Message:
+    props = message.properties
+    extra: dict[str, Any] = {}
+    if props.get("expiration") is not None:
+        extra["expiration"] = str(props["expiration"])
+    return amqp.Message(
+        message.body,
+        content_type=message.content_type,
+        content_encoding=message.content_encoding,
+        application_headers=message.headers,
+        delivery_mode=props.get("delivery_mode", 2),
+        priority=props.get("priority") or 0,
+        correlation_id=props.get("correlation_id"),
+        reply_to=props.get("reply_to") or None,
+        **extra,
+    )
+
+
+def _from_aio(incoming: AbstractIncomingMessage, queue: str) -> Message:
+    headers = {k: _plain(v) for k, v in (incoming.headers or {}).items()}
+    props: dict[str, Any] = {
+        "correlation_id": incoming.correlation_id,
+        "reply_to": incoming.reply_to,
+        "delivery_mode": int(incoming.delivery_mode or 2),
+        "priority": incoming.priority or 0,
+        "delivery_info": {"exchange": incoming.exchange or "",
+                          "routing_key": incoming.routing_key or queue},
+    }
+    if incoming.expiration is not None:
+        props["expiration"] = incoming.expiration
+    message = Message(headers, incoming.body, incoming.content_type or "",
+                      incoming.content_encoding or "", props, queue=queue)
+    message.tag = incoming
+    message.redelivered = bool(incoming.redelivered)
+    return message
+
+
+def _plain(value: Any) -> Any:
+    """AMQP header values as JSON would give them (bytes to str, nested too)."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+class AMQPConsumer(Consumer):
+    cancel_safe = True  # deliveries wait in a local queue; nothing is lost by not taking
+
+    def __init__(self, broker: AMQPBroker, queues: list[str], name: str) -> None:
+        self.broker = broker
+        self.queues = queues
+        self.name = name
+        self._connection: aio_pika.abc.AbstractRobustConnection | None = None
+        self._channel: aio_pika.abc.AbstractChannel | None = None
+        self._inbox: asyncio.Queue[Message] = asyncio.Queue()
+        self._prefetch = 0
+        self._queues: list[aio_pika.abc.AbstractQueue] = []
+        self._tags: list[str] = []
+
+    async def _connect(self, prefetch: int) -> None:
+        if self._connection is not None:
+            return
+        self._connection = await aio_pika.connect_robust(_aio_url(self.broker.url),
+                                                         client_properties={
+                                                             "connection_name": self.name})
+        channel = await self._connection.channel()
+        await channel.set_qos(prefetch_count=prefetch)
+        self._channel = channel
+        await channel.declare_queue(DEAD_LETTERS, durable=True)
+        for q in self.queues:
+            exchange = await channel.declare_exchange(q, aio_pika.ExchangeType.DIRECT,
+                                                      durable=True)
+            queue = await channel.declare_queue(q, durable=True)
+            await queue.bind(exchange, routing_key=q)
+            self._queues.append(queue)
+        await self.resume()
+
+    async def resume(self) -> None:
+        if self._tags or self._connection is None:
+            return
+        for queue in self._queues:
+            self._tags.append(await queue.consume(self._receiver(queue.name)))
+
+    def _receiver(self, name: str) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:
+        async def receive(incoming: AbstractIncomingMessage) -> None:
+            self._inbox.put_nowait(_from_aio(incoming, name))
+
+        return receive
+
+    async def pause(self) -> None:
+        """Stop deliveries and hand what was pushed but not taken back to RabbitMQ,
+        which gives it to a consumer that is free."""
+        for queue, tag in zip(self._queues, self._tags, strict=True):
+            await queue.cancel(tag)
+        self._tags = []
+        while not self._inbox.empty():
+            await self._inbox.get_nowait().tag.reject(requeue=True)
+
+    async def get(self, limit: int, timeout: float) -> list[Message]:
+        if self._connection is None:
+            # RabbitMQ holds back what is beyond this: the process's prefetch
+            self._prefetch = max(self._prefetch, limit)
+            await self._connect(self._prefetch)
+        try:
+            first = await asyncio.wait_for(self._inbox.get(), timeout)
+        except TimeoutError:
+            return []
+        out = [first]
+        while len(out) < limit and not self._inbox.empty():
+            out.append(self._inbox.get_nowait())
+        return out
+
+    async def ack(self, messages: Sequence[Message]) -> None:
+        for m in messages:
+            try:
+                await m.tag.ack()
+            except Exception as exc:  # channel gone: RabbitMQ delivers it again anyway
+                log.warning("ack of %s lost (%r); it will be delivered again",
+                            m.headers.get("id"), exc)
+
+    async def reject(self, message: Message, *, requeue: bool, reason: str = "") -> None:
+        incoming = message.tag
+        if requeue:
+            await incoming.reject(requeue=True)
+            return
+        assert self._channel is not None
+        headers = dict(incoming.headers or {})
+        headers["x-celeriac-reason"] = reason
+        headers["x-celeriac-queue"] = message.queue
+        await self._channel.default_exchange.publish(
+            aio_pika.Message(incoming.body, headers=headers,
+                             content_type=incoming.content_type,
+                             content_encoding=incoming.content_encoding,
+                             delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+            routing_key=DEAD_LETTERS)
+        await incoming.ack()
+
+    async def close(self) -> None:
+        if self._connection is not None:
+            # closing the channel hands every unacked delivery back to RabbitMQ
+            await self._connection.close()
+            self._connection = None

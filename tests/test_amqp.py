@@ -1,0 +1,167 @@
+"""RabbitMQ: celeriac alone (the seed program with amqp:// as written), and mixed with
+real Celery 5.7 producers and workers on the same queue."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import time
+
+import celery
+import pytest
+
+from celeriac import states
+
+from .conftest import AMQP_URL, CeleryWorker, Worker, write_module
+
+CELERIAC_TASKS = """
+import os, time
+from celeriac import Celery
+
+app = Celery('tasks', broker=os.environ['TEST_AMQP_URL'], backend=os.environ['TEST_BACKEND'])
+app.conf.update(task_track_started=True, task_default_queue=os.environ['TEST_QUEUE'])
+
+
+@app.task(bind=True)
+def add(self, x, y):
+    self.update_state(state='PROGRESS', meta={'x': x})
+    return x + y
+
+
+@app.task
+def fail(value):
+    raise KeyError(value)
+
+
+@app.task
+def sleepy(seconds, tag=None):
+    time.sleep(seconds)
+    return tag
+
+
+@app.task(acks_late=True)
+def slow(seconds):
+    time.sleep(seconds)
+    return 'slept'
+"""
+
+CELERY_TASKS = """
+import os
+from celery import Celery
+
+app = Celery('tasks', broker=os.environ['TEST_AMQP_URL'], backend=os.environ['TEST_BACKEND'])
+app.conf.update(task_track_started=True, task_default_queue=os.environ['TEST_QUEUE'])
+
+
+@app.task(bind=True, name='tasks.add')
+def add(self, x, y):
+    self.update_state(state='PROGRESS', meta={'x': x})
+    return x + y
+
+
+@app.task(name='tasks.fail')
+def fail(value):
+    raise KeyError(value)
+"""
+
+
+@pytest.fixture
+def env(project, amqp_queue, redis_url, monkeypatch):
+    values = {"TEST_AMQP_URL": AMQP_URL, "TEST_BACKEND": redis_url, "TEST_QUEUE": amqp_queue}
+    for k, v in values.items():
+        monkeypatch.setenv(k, v)
+    return values
+
+
+def _celeriac(project):
+    write_module(project, "tasks", CELERIAC_TASKS)
+    return importlib.import_module("tasks")
+
+
+def test_seed_program_on_rabbitmq_with_file_results(project, amqp_queue, workers):
+    """The seed's third program: broker='amqp://guest:guest@localhost:5672//' as written."""
+    results = project / "results"
+    write_module(project, "task", f"""
+        from celeriac import Celery
+        app = Celery('task', broker='amqp://guest:guest@localhost:5672//')
+        app.conf.update(task_track_started=True,
+                        result_backend='file://{results}',
+                        task_default_queue='{amqp_queue}')
+
+        @app.task(bind=True)
+        def add(self, x, y):
+            import time
+            time.sleep(0.5)
+            return x + y
+    """)
+    task = importlib.import_module("task")
+    r = task.add.delay(1, 1)
+    time.sleep(0.2)
+    assert r.status == "PENDING" and r.exists()
+    workers.append(Worker(project, "task"))
+    seen = set()
+    while not r.ready():
+        seen.add(r.status)
+        time.sleep(0.02)
+    assert "STARTED" in seen and r.get(timeout=5) == 2
+    meta = json.loads((results / f"celery-task-meta-{r.id}").read_bytes())
+    assert meta["status"] == "SUCCESS" and meta["result"] == 2
+
+
+def test_celery_producer_celeriac_worker(project, env, workers):
+    _celeriac(project)
+    workers.append(Worker(project, "tasks", env=env))
+    capp = celery.Celery("client", broker=AMQP_URL, backend=env["TEST_BACKEND"])
+    capp.conf.task_default_queue = env["TEST_QUEUE"]
+    r = capp.send_task("tasks.add", (2, 3))
+    assert r.get(timeout=10) == 5
+    with pytest.raises(KeyError):
+        capp.send_task("tasks.fail", ("k",)).get(timeout=10)
+    ours = importlib.import_module("tasks").app.AsyncResult(r.id)
+    assert [h["state"] for h in ours.history] == ["RECEIVED", "STARTED", "PROGRESS", "SUCCESS"]
+
+
+def test_celeriac_producer_celery_worker(project, env, workers):
+    write_module(project, "ctasks", CELERY_TASKS)
+    workers.append(CeleryWorker(project, "ctasks", env=env))
+    app = importlib.import_module("celeriac").Celery(
+        "producer", broker=AMQP_URL, backend=env["TEST_BACKEND"],
+        task_default_queue=env["TEST_QUEUE"])
+    r = app.send_task("tasks.add", (2, 3))
+    assert r.get(timeout=15) == 5 and r.state == states.SUCCESS
+    with pytest.raises(KeyError):
+        app.send_task("tasks.fail", ("k",)).get(timeout=15)
+
+
+def test_celery_and_celeriac_workers_share_one_queue(project, env, workers):
+    tasks = _celeriac(project)
+    write_module(project, "ctasks", CELERY_TASKS)
+    workers.append(CeleryWorker(project, "ctasks", env=env))
+    workers.append(Worker(project, "tasks", env=env, concurrency=1))
+    rs = [tasks.add.delay(i, i) for i in range(60)]
+    assert [r.get(timeout=30) for r in rs] == [2 * i for i in range(60)]
+    by_celeriac = sum(states.RECEIVED in [h["state"] for h in r.history] for r in rs)
+    assert 0 < by_celeriac < 60
+
+
+def test_long_tasks_spread_over_processes(project, env, workers):
+    from collections import Counter
+
+    tasks = _celeriac(project)
+    rs = [tasks.sleepy.delay(1.0, i) for i in range(4)]
+    workers.append(Worker(project, "tasks", env=env, concurrency=2))
+    assert [r.get(timeout=20) for r in rs] == [0, 1, 2, 3]
+    assert sorted(Counter(r.history[-1]["pid"] for r in rs).values()) == [2, 2]
+
+
+def test_unacked_message_of_a_killed_worker_is_delivered_again(project, env, workers):
+    tasks = _celeriac(project)
+    w = Worker(project, "tasks", env=env, concurrency=1)
+    r = tasks.slow.delay(1.0)
+    deadline = time.monotonic() + 10
+    while r.state != states.STARTED and time.monotonic() < deadline:
+        time.sleep(0.01)
+    w.kill_all()
+    workers.append(Worker(project, "tasks", env=env, concurrency=1))
+    assert r.get(timeout=20) == "slept"
+    assert [h["state"] for h in r.history].count(states.RECEIVED) == 2
