@@ -59,7 +59,7 @@ class Celeriac:
         self._lock = threading.Lock()
         self._broker: Broker | None = None
         self._backend: Backend | None = None
-        self._pid = os.getpid()
+        self._oid, self._oid_pid = "", 0
         _current_app = self
 
     def __repr__(self) -> str:
@@ -80,11 +80,14 @@ class Celeriac:
         """The result backend used when none is configured: the broker's own store.
 
         ``sqlite://`` broker -> the same SQLite file; ``redis://`` -> the same Redis
-        server and database; ``memory://`` -> ``memory://``.
+        server and database; ``amqp://`` -> ``rpc://`` (states sent back to the caller
+        as messages); ``memory://`` -> ``memory://``.
         """
         url = self.broker_url
         if url.startswith(("sqlite://", "redis://", "rediss://")):
             return url
+        if url.startswith(("amqp://", "pyamqp://")):
+            return "rpc://"
         if url.startswith("memory://"):
             return "memory://"
         return None
@@ -203,6 +206,7 @@ class Celeriac:
             soft_time_limit=soft_time_limit or conf.get("task_soft_time_limit"),
             ignore_result=ignore_result,
             priority=priority if priority is not None else conf.task_default_priority,
+            reply_to=self.oid,
         )
         if ignore_result:
             self.broker.publish(message)
@@ -214,6 +218,14 @@ class Celeriac:
 
     def AsyncResult(self, task_id: str) -> AsyncResult[Any]:  # noqa: N802 - Celery's name
         return AsyncResult(task_id, app=self)
+
+    @property
+    def oid(self) -> str:
+        """This process's reply address (a uuid), sent as ``reply_to`` with every task:
+        where an ``rpc://`` result backend sends the task's states."""
+        if self._oid_pid != os.getpid():
+            self._oid, self._oid_pid = new_id(), os.getpid()
+        return self._oid
 
     def close(self) -> None:
         if self._broker is not None:

@@ -377,6 +377,7 @@ class RequestInfo:
     group: str | None = None
     parent_id: str | None = None
     delivery_info: dict[str, Any] | None = None
+    reply_to: str | None = None  # where an rpc:// backend sends the states
 
 
 def result_meta(

@@ -56,6 +56,7 @@ class Request:
             id=self.id or "", task=self.task, args=self.args, kwargs=self.kwargs,
             hostname=self.hostname, retries=self.retries, group=self.group,
             parent_id=self.parent_id, delivery_info=self.delivery_info,
+            reply_to=self.reply_to,
         )
 
 

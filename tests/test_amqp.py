@@ -165,3 +165,71 @@ def test_unacked_message_of_a_killed_worker_is_delivered_again(project, env, wor
     workers.append(Worker(project, "tasks", env=env, concurrency=1))
     assert r.get(timeout=20) == "slept"
     assert [h["state"] for h in r.history].count(states.RECEIVED) == 2
+
+
+SEED_STATES = """
+import os
+from celeriac import Celery
+
+app = Celery('task', broker='amqp://guest:guest@localhost:5672//')
+# STARTED state is not enabled by default so we flip it on
+app.conf.update(task_track_started=True, task_default_queue=os.environ['TEST_QUEUE'])
+
+
+@app.task(bind=True)
+def add(self, x, y):
+    self.update_state(state='GOING_TO_SLEEP')
+    import time
+    time.sleep(0.6)
+    return x + y
+"""
+
+
+def test_seed_programs_on_rabbitmq_without_a_result_backend(project, env, workers):
+    """No result_backend: rpc:// is the default with RabbitMQ, and the post's states show."""
+    write_module(project, "task", SEED_STATES)
+    task = importlib.import_module("task")
+    assert task.app.result_backend_url == "rpc://"
+    r = task.add.delay(2, 3)
+    time.sleep(0.2)
+    assert r.status == "PENDING" and r.exists()
+    workers.append(Worker(project, "task", env=env))
+    seen = []
+    while not r.ready():
+        if not seen or seen[-1] != r.status:
+            seen.append(r.status)
+        time.sleep(0.01)
+    assert "GOING_TO_SLEEP" in seen and r.get(timeout=5) == 5
+    assert [h["state"] for h in r.history] == [
+        "PENDING", "RECEIVED", "STARTED", "GOING_TO_SLEEP", "SUCCESS"]
+    bad = task.add.delay(2, "a")
+    with pytest.raises(TypeError, match="unsupported operand"):
+        bad.get(timeout=10)
+    assert bad.state == "FAILURE" and "TypeError" in bad.traceback
+
+
+def test_rpc_results_cross_with_celery(project, env, workers):
+    rpc_env = dict(env, TEST_BACKEND="rpc://")
+    write_module(project, "tasks", CELERIAC_TASKS)
+    workers.append(Worker(project, "tasks", env=rpc_env))
+    capp = celery.Celery("client", broker=AMQP_URL, backend="rpc://")
+    capp.conf.task_default_queue = env["TEST_QUEUE"]
+    r = capp.send_task("tasks.add", (2, 3))  # Celery client, celeriac worker
+    assert r.get(timeout=10) == 5 and r.status == "SUCCESS"
+    with pytest.raises(KeyError):
+        capp.send_task("tasks.fail", ("k",)).get(timeout=10)
+
+    write_module(project, "ctasks", CELERY_TASKS)
+    q2 = env["TEST_QUEUE"] + "-c"
+    workers.append(CeleryWorker(project, "ctasks", env=dict(rpc_env, TEST_QUEUE=q2)))
+    app = importlib.import_module("celeriac").Celery(
+        "producer", broker=AMQP_URL, backend="rpc://", task_default_queue=q2)
+    r = app.send_task("tasks.add", (4, 5))  # celeriac client, Celery worker
+    assert r.get(timeout=15) == 9
+    assert [h["state"] for h in r.history][0] == "PENDING"
+    assert "SUCCESS" in [h["state"] for h in r.history]
+    import amqp as pyamqp
+    conn = pyamqp.Connection("127.0.0.1:5672")
+    conn.connect()
+    conn.channel().queue_delete(q2)
+    conn.close()

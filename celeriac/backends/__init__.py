@@ -23,6 +23,10 @@ def backend_from_url(app: Celeriac, url: str) -> Backend:
         from .redis import RedisBackend
 
         return RedisBackend(app, url)
+    if scheme == "rpc":
+        from .rpc import RPCBackend
+
+        return RPCBackend(app, url)
     if scheme == "file":
         from .file import FileBackend
 
@@ -33,5 +37,5 @@ def backend_from_url(app: Celeriac, url: str) -> Backend:
         return MemoryBackend(app, url)
     raise ImproperlyConfigured(
         f"no result backend for URL scheme {scheme!r} ({url!r}); celeriac speaks "
-        "sqlite://, redis://, rediss://, file:// and memory://"
+        "sqlite://, redis://, rediss://, rpc://, file:// and memory://"
     )

@@ -43,6 +43,7 @@ class Record:
     entry: dict[str, Any]
     state: str | None = None
     payload: bytes | None = None
+    reply_to: str | None = None  # the caller's reply queue (for rpc://)
 
 
 def history_entry(state: str, meta: Any = None, *, hostname: str | None = None,
@@ -154,7 +155,8 @@ class Backend(ABC):
                            request=request, extended=bool(self.app.conf.result_extended))
         payload = self.encode_meta(meta)
         entry = history_entry(state, entry_meta, hostname=hostname)
-        return Record(task_id, entry, state, payload)
+        return Record(task_id, entry, state, payload,
+                      reply_to=request.reply_to if request is not None else None)
 
     def store(self, task_id: str, state: str, result: Any = None, **kw: Any) -> bool:
         """Set one state now (under the transition rule); True when it was written."""
