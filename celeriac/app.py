@@ -16,6 +16,7 @@ from .brokers import Broker, broker_from_url
 from .conf import Settings, settings_from_object
 from .protocol import build_task_message, new_id, origin_name
 from .result import AsyncResult
+from .routing import QueueSpec, prepare, queue_specs, route_options
 from .task import Task, current_request, eta_from, expires_from
 
 P = ParamSpec("P")
@@ -106,9 +107,28 @@ class Celeriac:
         if self._broker is None:
             with self._lock:
                 if self._broker is None:
-                    self._broker = broker_from_url(self.broker_url,
-                                                   dict(self.conf.broker_transport_options))
+                    broker = broker_from_url(self.broker_url,
+                                             dict(self.conf.broker_transport_options))
+                    conf = self.conf
+                    broker.retry_policy = (dict(conf.task_publish_retry_policy)
+                                           if conf.task_publish_retry else None)
+                    broker.queue_spec = self.queue_spec  # type: ignore[method-assign]
+                    self._broker = broker
         return self._broker
+
+    def queue_spec(self, name: str) -> QueueSpec:
+        """How queue ``name`` is declared (``task_queues``, else Celery's defaults)."""
+        specs = queue_specs(self.conf)
+        return specs.get(name) or QueueSpec(name, name, routing_key=name,
+                                            arguments=specs[self.conf.task_default_queue]
+                                            .arguments)
+
+    def default_queues(self) -> list[str]:
+        """What a worker consumes when given no ``-Q``: ``task_queues``, else the default."""
+        queues = self.conf.task_queues
+        if not queues:
+            return [self.conf.task_default_queue]
+        return [q if isinstance(q, str) else q.name for q in queues]
 
     @property
     def backend(self) -> Backend:
@@ -193,7 +213,10 @@ class Celeriac:
         """Queue task ``name`` (which need not be registered here) and return its result."""
         conf = self.conf
         task_id = task_id or new_id()
-        queue = queue or conf.task_default_queue
+        routed = route_options(prepare(conf.task_routes), name, args, kwargs,
+                               {"queue": queue, "priority": priority})
+        queue = routed.get("queue") or conf.task_default_queue
+        priority = routed.get("priority")
         now = self.now()
         parent = current_request()
         message = build_task_message(

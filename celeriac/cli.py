@@ -84,8 +84,8 @@ def main(app: str | None, broker: str | None, result_backend: str | None,
 @main.command()
 @click.option("-c", "--concurrency", type=click.IntRange(min=1),
               help="Number of worker processes (default: worker_concurrency or CPU count).")
-@click.option("-Q", "--queues", help="Comma-separated queues to consume (default: "
-              "task_default_queue).")
+@click.option("-Q", "--queues", help="Comma-separated queues to consume (default: the "
+              "task_queues, else task_default_queue).")
 @click.option("-l", "--loglevel", default="WARNING", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
                                 case_sensitive=False),
@@ -105,9 +105,13 @@ def worker(ctx: click.Context, concurrency: int | None, queues: str | None, logl
     setup_logging(loglevel)
     app = _load(ctx)
     n = concurrency or app.conf.worker_concurrency or os.cpu_count() or 1
-    qs = [q.strip() for q in (queues or app.conf.task_default_queue).split(",") if q.strip()]
+    qs = _queues(queues) or app.default_queues()
     node = hostname.replace("%h", socket.gethostname())
     sys.exit(run_worker(app, concurrency=n, queues=qs, hostname=node))
+
+
+def _queues(option: str | None) -> list[str]:
+    return [q.strip() for q in (option or "").split(",") if q.strip()]
 
 
 def _iso(ts: float) -> str:
@@ -167,7 +171,8 @@ def _args(message: Any) -> str:
 
 @main.command()
 @click.option("-f", "--force", is_flag=True, help="Do not ask for confirmation.")
-@click.option("-Q", "--queues", help="Comma-separated queues (default: task_default_queue).")
+@click.option("-Q", "--queues", help="Comma-separated queues (default: the task_queues, "
+              "else task_default_queue).")
 @click.pass_context
 def purge(ctx: click.Context, force: bool, queues: str | None) -> None:
     """Delete every waiting message in the queues (default: task_default_queue).
@@ -176,7 +181,7 @@ def purge(ctx: click.Context, force: bool, queues: str | None) -> None:
     (lapsed lease) are deleted too.
     """
     app = _load(ctx)
-    qs = [q.strip() for q in (queues or app.conf.task_default_queue).split(",") if q.strip()]
+    qs = _queues(queues) or app.default_queues()
     if not force:
         click.confirm(f"Delete all waiting messages in {', '.join(qs)}? This cannot be undone.",
                       abort=True)

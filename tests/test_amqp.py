@@ -233,3 +233,19 @@ def test_rpc_results_cross_with_celery(project, env, workers):
     conn.connect()
     conn.channel().queue_delete(q2)
     conn.close()
+
+
+def test_priority_queues_declared_as_celery_declares_them(project, env, workers):
+    """A queue Celery declared with x-max-priority: celeriac declares it the same way
+    (a different declaration would be refused by RabbitMQ), in both directions."""
+    q = env["TEST_QUEUE"]
+    queues = (f"from kombu import Queue\n"
+              f"app.conf.task_queues = [Queue('{q}', routing_key='{q}', "
+              f"queue_arguments={{'x-max-priority': 10}})]\n")
+    write_module(project, "ctasks", CELERY_TASKS + queues)
+    write_module(project, "tasks", CELERIAC_TASKS + queues)
+    tasks = importlib.import_module("tasks")
+    workers.append(CeleryWorker(project, "ctasks", env=env))
+    workers.append(Worker(project, "tasks", env=env, concurrency=1))
+    rs = [tasks.add.apply_async((i, i), priority=i % 10) for i in range(20)]
+    assert [r.get(timeout=20) for r in rs] == [2 * i for i in range(20)]

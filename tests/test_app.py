@@ -206,3 +206,33 @@ def test_one_failing_write_does_not_hold_back_the_others():
         assert time.monotonic() - started < 2
         with pytest.raises(ValueError, match="refuses refused-1"):
             bad.get(timeout=5)
+
+
+def test_task_routes_and_queues_as_celery_reads_them():
+    from kombu import Exchange, Queue
+
+    app = Celery("routes", broker="memory://routes", task_routes={
+        "routes.feeds.*": {"queue": "feeds", "priority": 3},
+        "routes.exact": "exactq",
+    })
+    for name in ("feeds.fetch", "exact", "other"):
+        app.task(name=f"routes.{name}")(lambda: None)
+
+    def q(name, **kw):
+        return app.tasks[name].apply_async(**kw).history[0]["meta"]["queue"]
+
+    assert q("routes.feeds.fetch") == "feeds"
+    assert q("routes.exact") == "exactq"
+    assert q("routes.other") == "celery"
+    assert q("routes.exact", queue="explicit") == "explicit"  # apply_async wins
+
+    app.conf.task_routes = [lambda name, *a, **kw: "fn" if name.endswith("other") else None]
+    assert q("routes.other") == "fn" and q("routes.exact") == "celery"
+
+    app.conf.task_queues = [Queue("high", Exchange("high"), routing_key="hi",
+                                  queue_arguments={"x-max-priority": 10}), "low"]
+    assert app.default_queues() == ["high", "low"]
+    spec = app.queue_spec("high")
+    assert (spec.exchange, spec.routing_key, spec.arguments) == (
+        "high", "hi", {"x-max-priority": 10})
+    assert app.queue_spec("low").exchange == "low"

@@ -22,7 +22,6 @@ import contextlib
 import logging
 import os
 import threading
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from typing import Any
@@ -80,25 +79,25 @@ class AMQPBroker(Broker):
     def _declare(self, channel: Any, queue: str) -> None:
         if queue in self._local.declared:
             return
-        channel.exchange_declare(queue, "direct", durable=True, auto_delete=False)
-        channel.queue_declare(queue, durable=True, auto_delete=False)
-        channel.queue_bind(queue, queue, queue)
+        spec = self.queue_spec(queue)
+        channel.exchange_declare(spec.exchange, spec.exchange_type, durable=True,
+                                 auto_delete=False)
+        channel.queue_declare(queue, durable=True, auto_delete=False,
+                              arguments=spec.arguments or None)
+        channel.queue_bind(queue, spec.exchange, spec.routing_key)
         self._local.declared.add(queue)
 
     def publish(self, message: Message) -> None:
-        for attempt in range(3):
-            try:
-                channel = self._channel()
-                self._declare(channel, message.queue)
-                channel.basic_publish(_to_amqp(message), exchange="",
-                                      routing_key=message.queue)
-                return
-            except (OSError, amqp.exceptions.RecoverableConnectionError) as exc:
-                self._local.channel = None  # reconnect and try again
-                if attempt == 2:
-                    raise
-                log.warning("publishing failed (%r); reconnecting", exc)
-                time.sleep(0.1 * (attempt + 1))
+        def attempt() -> None:
+            channel = self._channel()
+            self._declare(channel, message.queue)
+            channel.basic_publish(_to_amqp(message), exchange="", routing_key=message.queue)
+
+        def reconnect() -> None:
+            self._local.channel = None
+
+        self.retrying(attempt, (OSError, amqp.exceptions.RecoverableConnectionError),
+                      reconnect)
 
     def purge(self, queues: Sequence[str]) -> int:
         channel = self._channel()
@@ -192,10 +191,12 @@ class AMQPConsumer(Consumer):
         self._channel = channel
         await channel.declare_queue(DEAD_LETTERS, durable=True)
         for q in self.queues:
-            exchange = await channel.declare_exchange(q, aio_pika.ExchangeType.DIRECT,
-                                                      durable=True)
-            queue = await channel.declare_queue(q, durable=True)
-            await queue.bind(exchange, routing_key=q)
+            spec = self.broker.queue_spec(q)
+            exchange = await channel.declare_exchange(
+                spec.exchange, aio_pika.ExchangeType(spec.exchange_type), durable=True)
+            queue = await channel.declare_queue(q, durable=True,
+                                                arguments=spec.arguments or None)
+            await queue.bind(exchange, routing_key=spec.routing_key)
             self._queues.append(queue)
         await self.resume()
 

@@ -12,12 +12,18 @@ delivered again (after a lease lapses, or when the connection drops).
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..protocol import Message
+from ..routing import QueueSpec
+
+T = TypeVar("T")
+log = logging.getLogger("celeriac.broker")
 
 if TYPE_CHECKING:
     from ..backends.base import Backend, Record
@@ -67,6 +73,33 @@ class Consumer(ABC):
 class Broker(ABC):
     #: the URL it was opened with
     url: str
+    #: Celery's task_publish_retry_policy (None: do not retry), set by the app
+    retry_policy: dict[str, Any] | None = None
+    #: how a queue is declared (RabbitMQ), set by the app from task_queues
+    queue_spec: Callable[[str], QueueSpec] = staticmethod(  # type: ignore[assignment]
+        lambda name: QueueSpec(name, name, routing_key=name))
+
+    def retrying(self, attempt: Callable[[], T], errors: tuple[type[BaseException], ...],
+                 on_error: Callable[[], None]) -> T:
+        """Run ``attempt``, retrying on ``errors`` as ``retry_policy`` says (Celery's
+        ``max_retries`` / ``interval_start`` / ``interval_step`` / ``interval_max``)."""
+        policy = self.retry_policy
+        max_retries = 0 if policy is None else policy.get("max_retries", 3)
+        interval = 0.0 if policy is None else float(policy.get("interval_start", 0))
+        tries = 0
+        while True:
+            try:
+                return attempt()
+            except errors as exc:
+                on_error()
+                if max_retries is not None and tries >= max_retries:
+                    raise
+                tries += 1
+                log.warning("publishing failed (%r); retry %d in %.1fs", exc, tries, interval)
+                time.sleep(interval)
+                assert policy is not None
+                interval = min(interval + float(policy.get("interval_step", 0.2)),
+                               float(policy.get("interval_max", 0.2)))
 
     @abstractmethod
     def publish(self, message: Message) -> None:

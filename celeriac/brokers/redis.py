@@ -126,7 +126,9 @@ class RedisBroker(Broker):
 
     def publish(self, message: Message) -> None:
         key = queue_key(message.queue, message.properties.get("priority"))
-        self.client.lpush(key, encode_envelope(message))
+        payload = encode_envelope(message)
+        self.retrying(lambda: self.client.lpush(key, payload),
+                      (redis.ConnectionError, redis.TimeoutError), lambda: None)
 
     def purge(self, queues: Sequence[str]) -> int:
         keys = [queue_key(q, p) for q in queues for p in PRIORITY_STEPS]
