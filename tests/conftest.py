@@ -169,12 +169,18 @@ def amqp_queue() -> Iterator[str]:
     import amqp
 
     name = f"test-{uuid.uuid4().hex[:12]}"
-    try:
+
+    def connect() -> amqp.Connection:
         conn = amqp.Connection("127.0.0.1:5672", userid="guest", password="guest")
         conn.connect()
+        return conn
+
+    try:
+        connect().close()
     except Exception as exc:
         need_server("RabbitMQ", repr(exc))
     yield name
+    conn = connect()  # a test may have closed every connection
     channel = conn.channel()
     for q in (name, "celeriac.dead_letters"):
         try:

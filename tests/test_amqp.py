@@ -249,3 +249,18 @@ def test_priority_queues_declared_as_celery_declares_them(project, env, workers)
     workers.append(Worker(project, "tasks", env=env, concurrency=1))
     rs = [tasks.add.apply_async((i, i), priority=i % 10) for i in range(20)]
     assert [r.get(timeout=20) for r in rs] == [2 * i for i in range(20)]
+
+
+def test_worker_and_producer_survive_a_lost_connection(project, env, workers):
+    import subprocess
+
+    tasks = _celeriac(project)
+    w = Worker(project, "tasks", env=env, concurrency=1)
+    workers.append(w)
+    assert tasks.add.delay(1, 1).get(timeout=10) == 2
+    rs = [tasks.sleepy.delay(0.05, i) for i in range(20)]
+    out = subprocess.run(["rabbitmqctl", "close_all_connections", "test: connection lost"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    rs += [tasks.sleepy.delay(0.05, i) for i in range(20, 40)]  # the producer reconnects
+    assert [r.get(timeout=60) for r in rs] == list(range(40))

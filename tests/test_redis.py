@@ -207,3 +207,14 @@ def test_redis_purge_and_priorities(project, env, redis_url):
     assert client.llen("celery\x06\x169") == 1
     assert tasks.app.broker.purge(["celery"]) == 3
     assert os.environ["TEST_REDIS_URL"] == redis_url
+
+
+def test_worker_survives_a_lost_connection(project, env, workers, redis_url):
+    tasks = _celeriac(project)
+    workers.append(Worker(project, "tasks", env=env, concurrency=1))
+    assert tasks.add.delay(1, 1).get(timeout=10) == 2
+    client = redis.Redis.from_url(redis_url)
+    rs = [tasks.add.delay(i, 0) for i in range(20)]
+    client.client_kill_filter(_type="normal", skipme=True)
+    rs += [tasks.add.delay(i, 0) for i in range(20, 40)]
+    assert [r.get(timeout=30) for r in rs] == list(range(40))

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from .. import serialization, states
+from ..brokers.redis import sync_client
 from ..protocol import check_task_id
 from .base import Backend, Record
 
@@ -86,7 +87,7 @@ class RedisBackend(Backend):
     @property
     def client(self) -> redis.Redis:
         if self._client is None or self._pid != os.getpid():
-            self._client = redis.Redis.from_url(self.url)
+            self._client = sync_client(self.url)
             self._sha = self._client.script_load(_SET_STATE)
             self._pid = os.getpid()
         return self._client

@@ -155,6 +155,17 @@ def _from_aio(incoming: AbstractIncomingMessage, queue: str) -> Message:
     return message
 
 
+async def _settled(step: Awaitable[Any], what: str) -> None:
+    """A step on a delivery's channel, which may have died with its connection: then
+    RabbitMQ hands the delivery out again by itself, so the step is logged and skipped
+    (never waited on for more than a few seconds)."""
+    try:
+        await asyncio.wait_for(step, 5.0)
+    except Exception as exc:
+        log.warning("could not %s (%r): the channel is gone; RabbitMQ delivers the "
+                    "message again", what, exc)
+
+
 def _plain(value: Any) -> Any:
     """AMQP header values as JSON would give them (bytes to str, nested too)."""
     if isinstance(value, bytes):
@@ -173,19 +184,31 @@ class AMQPConsumer(Consumer):
         self.broker = broker
         self.queues = queues
         self.name = name
-        self._connection: aio_pika.abc.AbstractRobustConnection | None = None
+        self._connection: aio_pika.abc.AbstractConnection | None = None
         self._channel: aio_pika.abc.AbstractChannel | None = None
         self._inbox: asyncio.Queue[Message] = asyncio.Queue()
         self._prefetch = 0
         self._queues: list[aio_pika.abc.AbstractQueue] = []
         self._tags: list[str] = []
+        self._switching = asyncio.Lock()  # pause() and resume() one at a time
+
+    @property
+    def _connected(self) -> bool:
+        return (self._connection is not None and not self._connection.is_closed
+                and self._channel is not None and not self._channel.is_closed)
 
     async def _connect(self, prefetch: int) -> None:
+        """(Re)connect, declare and consume.  Deliveries of a lost connection that were
+        not taken are dropped here: RabbitMQ gives them out again."""
         if self._connection is not None:
-            return
-        self._connection = await aio_pika.connect_robust(_aio_url(self.broker.url),
-                                                         client_properties={
-                                                             "connection_name": self.name})
+            with contextlib.suppress(Exception):
+                await self._connection.close()
+            self._connection = self._channel = None
+        self._inbox = asyncio.Queue()
+        self._queues, self._tags = [], []
+        self._connection = await aio_pika.connect(_aio_url(self.broker.url),
+                                                  client_properties={
+                                                      "connection_name": self.name})
         channel = await self._connection.channel()
         await channel.set_qos(prefetch_count=prefetch)
         self._channel = channel
@@ -201,10 +224,11 @@ class AMQPConsumer(Consumer):
         await self.resume()
 
     async def resume(self) -> None:
-        if self._tags or self._connection is None:
-            return
-        for queue in self._queues:
-            self._tags.append(await queue.consume(self._receiver(queue.name)))
+        async with self._switching:
+            if self._tags or not self._connected:
+                return
+            for queue in self._queues:
+                self._tags.append(await queue.consume(self._receiver(queue.name)))
 
     def _receiver(self, name: str) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:
         async def receive(incoming: AbstractIncomingMessage) -> None:
@@ -215,17 +239,22 @@ class AMQPConsumer(Consumer):
     async def pause(self) -> None:
         """Stop deliveries and hand what was pushed but not taken back to RabbitMQ,
         which gives it to a consumer that is free."""
-        for queue, tag in zip(self._queues, self._tags, strict=True):
-            await queue.cancel(tag)
-        self._tags = []
+        async with self._switching:
+            tags, self._tags = self._tags, []
+            if self._connected:
+                for queue, tag in zip(self._queues, tags, strict=False):
+                    await _settled(queue.cancel(tag), "cancel a consumer")
         while not self._inbox.empty():
-            await self._inbox.get_nowait().tag.reject(requeue=True)
+            await _settled(self._inbox.get_nowait().tag.reject(requeue=True), "hand back")
 
     async def get(self, limit: int, timeout: float) -> list[Message]:
-        if self._connection is None:
+        if not self._connected:
+            if self._connection is not None:
+                log.warning("connection to RabbitMQ lost; reconnecting")
             # RabbitMQ holds back what is beyond this: the process's prefetch
             self._prefetch = max(self._prefetch, limit)
-            await self._connect(self._prefetch)
+            await self._connect(self._prefetch)  # raises while RabbitMQ is away: the
+            # worker retries with backoff
         try:
             first = await asyncio.wait_for(self._inbox.get(), timeout)
         except TimeoutError:
@@ -237,16 +266,12 @@ class AMQPConsumer(Consumer):
 
     async def ack(self, messages: Sequence[Message]) -> None:
         for m in messages:
-            try:
-                await m.tag.ack()
-            except Exception as exc:  # channel gone: RabbitMQ delivers it again anyway
-                log.warning("ack of %s lost (%r); it will be delivered again",
-                            m.headers.get("id"), exc)
+            await _settled(m.tag.ack(), f"ack {m.headers.get('id')}")
 
     async def reject(self, message: Message, *, requeue: bool, reason: str = "") -> None:
         incoming = message.tag
         if requeue:
-            await incoming.reject(requeue=True)
+            await _settled(incoming.reject(requeue=True), "hand back")
             return
         assert self._channel is not None
         headers = dict(incoming.headers or {})

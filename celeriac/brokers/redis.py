@@ -32,6 +32,8 @@ from typing import Any
 
 import redis
 import redis.asyncio as aioredis
+import redis.backoff
+import redis.retry
 
 from ..protocol import Message, decode_envelope, encode_envelope
 from .base import Broker, Consumer
@@ -85,6 +87,21 @@ return out
 """
 
 
+def sync_client(url: str) -> redis.Redis:
+    """A client that retries a command once its connection was lost (3 times, backing off)."""
+    return redis.Redis.from_url(
+        url, retry=redis.retry.Retry(redis.backoff.ExponentialBackoff(cap=1.0, base=0.01), 3),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError])
+
+
+def async_client(url: str) -> aioredis.Redis:
+    from redis.asyncio.retry import Retry
+
+    return aioredis.Redis.from_url(
+        url, retry=Retry(redis.backoff.ExponentialBackoff(cap=1.0, base=0.01), 3),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError])
+
+
 def queue_key(queue: str, priority: int | None) -> str:
     """kombu's list for a priority: 0-2 -> queue, 3-5 -> queue\\x06\\x163, ..."""
     p = min(max(int(priority or 0), 0), 9)
@@ -120,7 +137,7 @@ class RedisBroker(Broker):
     @property
     def client(self) -> redis.Redis:
         if self._client is None or self._pid != os.getpid():
-            self._client = redis.Redis.from_url(self.url)
+            self._client = sync_client(self.url)
             self._pid = os.getpid()
         return self._client
 
@@ -165,7 +182,7 @@ class RedisConsumer(Consumer):
 
     async def _connect(self) -> aioredis.Redis:
         if self._client is None:
-            client = aioredis.Redis.from_url(self.broker.url)
+            client = async_client(self.broker.url)
             async with client.pipeline(transaction=False) as pipe:
                 for q in self.queues:  # the binding a Celery worker declares for its queue
                     pipe.sadd(f"_kombu.binding.{q}", SEP.join([q, "", q]))

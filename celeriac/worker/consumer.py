@@ -214,6 +214,8 @@ class WorkerProcess:
         broker_errors = 0
         try:
             while not self.stopping.is_set():
+                # a hand-back can race with the thread freeing up: never stay paused idle
+                await self._unpause()
                 room = self.prefetch - len(self._running)
                 # refill in batches (half the prefetch at least) unless idle
                 low = room < (self.prefetch + 1) // 2 and bool(self._running)
@@ -344,13 +346,16 @@ class WorkerProcess:
                     self.task_thread, execute_sync, task, request)
             finally:
                 self._sync_slot.release()
-                if self._paused:
-                    self._paused = False
-                    await self.consumer.resume()
+                await self._unpause()
                 self._slot_free.set()
         await self._finish(task, call, request, outcome, ignore=ignore)
         if acks_late:
             self.writer.ack(message)
+
+    async def _unpause(self) -> None:
+        if self._paused and not self._sync_slot.locked():
+            self._paused = False
+            await self.consumer.resume()
 
     async def _take_sync_slot(self) -> bool:
         """The task thread, if it frees up soon; False (and stop fetching) if it does not."""
