@@ -264,3 +264,14 @@ def test_worker_and_producer_survive_a_lost_connection(project, env, workers):
     assert out.returncode == 0, out.stderr
     rs += [tasks.sleepy.delay(0.05, i) for i in range(20, 40)]  # the producer reconnects
     assert [r.get(timeout=60) for r in rs] == list(range(40))
+
+
+def test_a_burst_without_publisher_confirms(project, env, workers):
+    """confirm_publish=False (kombu's option): delay() does not wait, the worker gets a
+    burst; every task still runs (this once lost a wake-up of the worker's writer)."""
+    tasks = _celeriac(project)
+    tasks.app.conf.broker_transport_options = {"confirm_publish": False}
+    tasks.app.close()
+    workers.append(Worker(project, "tasks", env=env, concurrency=2))
+    rs = [tasks.sleepy.delay(0, i) for i in range(300)]
+    assert [r.get(timeout=30) for r in rs] == list(range(300))

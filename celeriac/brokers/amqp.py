@@ -182,6 +182,7 @@ def _plain(value: Any) -> Any:
 
 class AMQPConsumer(Consumer):
     cancel_safe = True  # deliveries wait in a local queue; nothing is lost by not taking
+    acks_are_frames = True
 
     def __init__(self, broker: AMQPBroker, queues: list[str], name: str) -> None:
         self.broker = broker

@@ -34,6 +34,8 @@ class Consumer(ABC):
 
     #: Whether a pending ``get()`` may be cancelled without losing what it was taking.
     cancel_safe = False
+    #: Whether an ack is a one-way frame (no round trip), worth sending at once.
+    acks_are_frames = False
 
     @abstractmethod
     async def get(self, limit: int, timeout: float) -> list[Message]:

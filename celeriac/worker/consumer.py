@@ -61,6 +61,7 @@ class Writer:
         self.process = process
         self._records: list[Record] = []
         self._acks: list[Message] = []
+        self._early: list[Message] = []
         self._waiters: list[asyncio.Future[None]] = []
         self._wake = asyncio.Event()
         self._progress = asyncio.Event()
@@ -71,8 +72,13 @@ class Writer:
         self._records.append(record)
         self._kick()
 
-    def ack(self, message: Message) -> None:
-        self._acks.append(message)
+    def ack(self, message: Message, *, early: bool = False) -> None:
+        """Ack ``message`` after the writes queued before it; an ``early`` ack (the task
+        just started) on a broker where an ack is a one-way frame goes out at once."""
+        if early and self.process.consumer.acks_are_frames:
+            self._early.append(message)
+        else:
+            self._acks.append(message)
         self._kick()
 
     def written(self) -> asyncio.Future[None]:
@@ -116,8 +122,11 @@ class Writer:
     async def run(self) -> None:
         while True:
             await self._wake.wait()
+            self._wake.clear()  # anything queued from here on sets it again
+            if self._early:
+                early, self._early = self._early, []
+                await self.process.consumer.ack(early)
             await self._gather()
-            self._wake.clear()
             records, self._records = self._records, []
             acks, self._acks = self._acks, []
             waiters, self._waiters = self._waiters, []
@@ -128,7 +137,7 @@ class Writer:
                         fut.set_result(None)
                     else:
                         fut.set_exception(error)
-            if not self._records and not self._acks:
+            if not self._records and not self._acks and not self._early:
                 self._idle.set()
 
     async def _write(self, records: list[Record], acks: list[Message]) -> BaseException | None:
@@ -386,7 +395,7 @@ class WorkerProcess:
                 states.RECEIVED, None, hostname=self.hostname)))
         log.info("Task %s[%s] received", call.name, call.id)
         if not acks_late:
-            self.writer.ack(message)
+            self.writer.ack(message, early=True)
         if not ignore and task._option("track_started"):
             self.writer.record(self.app.backend.prepare_record(
                 call.id, states.STARTED, {"pid": os.getpid(), "hostname": self.hostname},
