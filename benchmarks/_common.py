@@ -192,6 +192,12 @@ on the same kind of store, and report ratios:
   one-machine store that needs no server (celeriac's embedded SQLite broker and results;
   Celery's SQLAlchemy transport and result backend on SQLite), both workers `-c 2`, and
   the workers' memory.
+- `benchmarks/redis_bench.py`: the same measures with Redis as broker and result
+  backend on both sides (celeriac's `redis://`; kombu's Redis transport and Celery's
+  Redis backend), plus how fast a worker drains a queue filled beforehand.  It needs a
+  Redis server (default `redis://127.0.0.1:6379`) and uses one database of it (`--db`,
+  default 13), which it flushes; do not run it while the test suite runs, whose Redis
+  tests use databases 1-15 and kill every client of the server in one test.
 - `benchmarks/file_backend_race.py`: whether a reader of the file result backend
   (`file:///dir`) ever sees a task go back to PENDING or fails to decode its result while
   a writer keeps updating the task's state.
@@ -206,6 +212,7 @@ Run them from the repository root; the `bench` extra installs Celery and SQLAlch
 
     .venv/bin/pip install -e '.[bench]'
     .venv/bin/python benchmarks/embedded.py --write
+    .venv/bin/python benchmarks/redis_bench.py --write
     .venv/bin/python benchmarks/file_backend_race.py --write
 
 Without `--write` a script only prints its table; with it, it replaces its own section
