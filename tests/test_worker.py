@@ -359,3 +359,24 @@ def test_a_removed_bell_socket_is_bound_again(tasks, project, workers):
     started = time.monotonic()
     assert tasks.add.delay(1, 3).get(timeout=10) == 4
     assert time.monotonic() - started < 0.5  # rung, not found by the 1 s re-check
+
+
+def test_worker_processes_stop_when_the_main_process_is_killed(tasks, project, workers):
+    w = Worker(project, "tasks", concurrency=2)
+    children = w.child_pids()
+    w.proc.send_signal(signal.SIGKILL)  # the supervisor only
+    w.proc.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_alive(p) for p in children):
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in children)
+    w._log.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split(")")[1].split()[0] != "Z"

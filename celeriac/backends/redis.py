@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,7 @@ import redis
 
 from .. import serialization, states
 from ..brokers.redis import sync_client
+from ..exceptions import TimeoutError
 from ..protocol import check_task_id
 from .base import Backend, Record
 
@@ -102,20 +104,39 @@ class RedisBackend(Backend):
         try:
             return self._record_scripted(records)
         except redis.exceptions.NoScriptError:  # the server restarted: load it again
-            self._sha = self.client.script_load(_SET_STATE)
+            self.load_script()
             return self._record_scripted(records)
+
+    @property
+    def scripted(self) -> bool:
+        """Whether writes go through the Lua script (JSON metas), so they can be queued
+        on any pipeline (the broker's, to write results and acks in one round trip)."""
+        return self._lua_reads_meta
+
+    def load_script(self) -> None:
+        self._sha = self.client.script_load(_SET_STATE)
+
+    def queue_history(self, pipe: Any, records: Sequence[Record]) -> None:
+        """Queue history-only records (the "sent" entry) on ``pipe``."""
+        for r in records:
+            pipe.rpush(history_key(r.task_id), _entry_json(r))
+            if self.ttl:
+                pipe.expire(history_key(r.task_id), self.ttl)
+
+    def queue_records(self, pipe: Any, records: Sequence[Record]) -> None:
+        """Queue the commands of :meth:`record` on ``pipe`` (sync or asyncio)."""
+        if not self._sha:
+            self.client  # noqa: B018 - connects and loads the script
+        for r in records:
+            if r.state is None:
+                self.queue_history(pipe, [r])
+            else:
+                pipe.evalsha(self._sha, 2, meta_key(r.task_id), history_key(r.task_id),
+                             r.payload, _entry_json(r), self.ttl)
 
     def _record_scripted(self, records: Sequence[Record]) -> list[bool]:
         with self.client.pipeline(transaction=False) as pipe:
-            for r in records:
-                entry = _entry_json(r)
-                if r.state is None:
-                    pipe.rpush(history_key(r.task_id), entry)
-                    if self.ttl:
-                        pipe.expire(history_key(r.task_id), self.ttl)
-                else:
-                    pipe.evalsha(self._sha, 2, meta_key(r.task_id), history_key(r.task_id),
-                                 r.payload, entry, self.ttl)  # type: ignore[arg-type]
+            self.queue_records(pipe, records)
             replies = pipe.execute()
         applied = []
         i = 0
@@ -166,34 +187,42 @@ class RedisBackend(Backend):
     def exists(self, task_id: str) -> bool:
         return bool(self.client.exists(meta_key(task_id), history_key(task_id)))
 
-    def _wait_for_change(self, task_id: str, timeout: float, attempt: int) -> None:
-        """Sleep on the key's pub/sub channel: subscribe first, then let the caller read
-        again, so a write between its read and the subscription is not missed."""
+    def wait(self, task_id: str, timeout: float | None = None) -> dict[str, Any]:
+        """Subscribe to the key's channel, read the key once, then take the metas the
+        writers publish: one read, no polling (a re-read every second guards against a
+        lost subscription)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pubsub = self._pubsub()
+        channel = meta_key(task_id)
+        pubsub.subscribe(channel)
+        try:
+            meta = self.get_meta(task_id)
+            while meta["status"] not in states.READY_STATES:
+                remaining = WAIT_RECHECK if deadline is None else deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError("The operation timed out.")
+                message = pubsub.get_message(ignore_subscribe_messages=True,
+                                             timeout=min(remaining, WAIT_RECHECK))
+                if message is None:
+                    meta = self.get_meta(task_id)
+                elif message["type"] == "message" and message["channel"] == channel.encode():
+                    meta = self.decode_meta(_bytes(message["data"]))
+            return meta
+        finally:
+            pubsub.unsubscribe(channel)
+
+    def _pubsub(self) -> Any:
         pubsub = getattr(self._local, "pubsub", None)
         if pubsub is None or getattr(self._local, "pid", None) != os.getpid():
             pubsub = self.client.pubsub(ignore_subscribe_messages=True)
             self._local.pubsub, self._local.pid = pubsub, os.getpid()
-        channel = meta_key(task_id)
-        if getattr(self._local, "channel", None) != channel:
-            if getattr(self._local, "channel", None):
-                pubsub.unsubscribe()
-            pubsub.subscribe(channel)
-            self._local.channel = channel
-            return
-        pubsub.get_message(timeout=min(timeout, WAIT_RECHECK))
-
-    def _done_waiting(self, task_id: str) -> None:
-        """Leave the channel: a subscription nobody reads would pile up messages."""
-        if getattr(self._local, "channel", None) == meta_key(task_id):
-            self._local.pubsub.unsubscribe()
-            self._local.channel = None
+        return pubsub
 
     def close(self) -> None:
         pubsub = getattr(self._local, "pubsub", None)
         if pubsub is not None and getattr(self._local, "pid", None) == os.getpid():
             pubsub.close()
         self._local.pubsub = None
-        self._local.channel = None
         if self._client is not None and self._pid == os.getpid():
             self._client.close()
         self._client = None

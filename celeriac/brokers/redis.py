@@ -147,6 +147,23 @@ class RedisBroker(Broker):
         self.retrying(lambda: self.client.lpush(key, payload),
                       (redis.ConnectionError, redis.TimeoutError), lambda: None)
 
+    def publish_after(self, backend: Any, records: Sequence[Any], message: Message) -> None:
+        from ..backends.redis import RedisBackend
+
+        if not (isinstance(backend, RedisBackend) and backend.url == self.url):
+            super().publish_after(backend, records, message)
+            return
+        key = queue_key(message.queue, message.properties.get("priority"))
+        payload = encode_envelope(message)
+
+        def attempt() -> None:  # one round trip; MULTI keeps the history ahead of the message
+            with self.client.pipeline(transaction=True) as pipe:
+                backend.queue_history(pipe, records)
+                pipe.lpush(key, payload)
+                pipe.execute()
+
+        self.retrying(attempt, (redis.ConnectionError, redis.TimeoutError), lambda: None)
+
     def purge(self, queues: Sequence[str]) -> int:
         keys = [queue_key(q, p) for q in queues for p in PRIORITY_STEPS]
         with self.client.pipeline() as pipe:
@@ -203,9 +220,8 @@ class RedisConsumer(Consumer):
         if not got:
             return []
         key, raw = got
-        first = await self._enter(_text(key), raw if isinstance(raw, bytes) else raw.encode())
-        rest = await self._take(limit - 1) if limit > 1 else []
-        return [first, *rest]
+        # start on it at once; the next get() takes whatever else is waiting
+        return [await self._enter(_text(key), raw if isinstance(raw, bytes) else raw.encode())]
 
     async def _take(self, limit: int) -> list[Message]:
         out = await self._take_script(keys=[*self.keys, UNACKED_INDEX, UNACKED],
@@ -247,6 +263,29 @@ class RedisConsumer(Consumer):
             message.tag = tag
             self._held[tag] = message
         return message
+
+    async def settle(self, backend: Any, records: Sequence[Any], acks: Sequence[Message],
+                     io: Executor) -> None:
+        from ..backends.redis import RedisBackend
+
+        if not (isinstance(backend, RedisBackend) and backend.url == self.broker.url
+                and backend.scripted):
+            await super().settle(backend, records, acks, io)
+            return
+        client = await self._connect()
+        tags = [m.tag for m in acks if m.tag]
+        async with client.pipeline(transaction=False) as pipe:  # one round trip for all
+            backend.queue_records(pipe, records)
+            if tags:
+                pipe.zrem(UNACKED_INDEX, *tags)
+                pipe.hdel(UNACKED, *tags)
+            try:
+                await pipe.execute()
+            except redis.exceptions.NoScriptError:
+                backend.load_script()
+                raise
+        for t in tags:
+            self._held.pop(t, None)
 
     async def ack(self, messages: Sequence[Message]) -> None:
         tags = [m.tag for m in messages if m.tag]

@@ -505,11 +505,23 @@ def _exc_meta(value: Any) -> Any:
 def run_process(app: Celeriac, queues: list[str], hostname: str, housekeeper: bool) -> None:
     """Entry point of a worker child process."""
     process = WorkerProcess(app, queues, hostname, housekeeper)
+    parent = os.getppid()
+
+    async def orphaned() -> None:
+        """The supervisor died (SIGKILL): shut down warmly instead of running on alone."""
+        while os.getppid() == parent:
+            await asyncio.sleep(1.0)
+        log.warning("the worker's main process is gone; shutting down")
+        process.stopping.set()
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, process.stopping.set)
-        await process.run()
+        watch = loop.create_task(orphaned())
+        try:
+            await process.run()
+        finally:
+            watch.cancel()
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor turns Ctrl-C into SIGTERM
     asyncio.run(main())
