@@ -197,7 +197,7 @@ on the same kind of store, and report ratios:
   Redis backend), plus how fast a worker drains a queue filled beforehand.  It needs a
   Redis server (default `redis://127.0.0.1:6379`) and uses one database of it (`--db`,
   default 13), which it flushes; do not run it while the test suite runs, whose Redis
-  tests use databases 1-15 and kill every client of the server in one test.
+  tests use databases 1-12 (and kill the clients of their own database in one test).
 - `benchmarks/file_backend_race.py`: whether a reader of the file result backend
   (`file:///dir`) ever sees a task go back to PENDING or fails to decode its result while
   a writer keeps updating the task's state.
