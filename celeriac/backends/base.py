@@ -24,7 +24,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from .. import serialization, states
@@ -80,6 +80,10 @@ class Backend(ABC):
         accept = conf.result_accept_content or conf.accept_content
         self.accept = serialization.accepted_content_types(accept)
         self.content_type = serialization.get_serializer(self.serializer).content_type
+        expires = conf.result_expires
+        #: ``result_expires`` in seconds; 0 when results do not expire
+        self.expires_seconds = float(
+            (expires.total_seconds() if isinstance(expires, timedelta) else expires) or 0)
 
     # ------------------------------------------------------------------ the contract
 

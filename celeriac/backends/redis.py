@@ -20,7 +20,6 @@ import os
 import threading
 import time
 from collections.abc import Sequence
-from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import redis
@@ -77,9 +76,7 @@ class RedisBackend(Backend):
 
     def __init__(self, app: Celeriac, url: str) -> None:
         super().__init__(app, url)
-        expires = app.conf.result_expires
-        seconds = expires.total_seconds() if isinstance(expires, timedelta) else expires
-        self.ttl = int(seconds) if seconds else 0
+        self.ttl = int(self.expires_seconds)
         self._client: redis.Redis | None = None
         self._pid = 0
         self._sha = ""

@@ -24,7 +24,6 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Sequence
-from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import amqp
@@ -45,9 +44,8 @@ class RPCBackend(Backend):
 
     def __init__(self, app: Celeriac, url: str) -> None:
         super().__init__(app, url)
-        expires = app.conf.result_expires
-        seconds = expires.total_seconds() if isinstance(expires, timedelta) else expires
-        self.queue_arguments = {"x-expires": int(seconds * 1000)} if seconds else {}
+        seconds = self.expires_seconds
+        self.queue_arguments = {"x-expires": int(seconds * 1000)} if seconds > 0 else {}
         self.delivery_mode = 2 if app.conf.get("result_persistent") else 1
         self._lock = threading.RLock()
         self._pid = 0

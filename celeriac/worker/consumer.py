@@ -18,7 +18,7 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timedelta
+from datetime import datetime
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -268,9 +268,8 @@ class WorkerProcess:
     async def _expire_results(self) -> None:
         """``result_expires``: remove ready results older than that, every half of it
         (at least every hour, at most every second)."""
-        expires = self.app.conf.result_expires
-        seconds = expires.total_seconds() if isinstance(expires, timedelta) else expires
-        if not seconds or seconds <= 0:
+        seconds = self.app.backend.expires_seconds
+        if seconds <= 0:
             return
         while True:
             await asyncio.sleep(min(max(seconds / 2, 1.0), 3600.0))
