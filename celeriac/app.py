@@ -61,6 +61,7 @@ class Celeriac:
         self._broker: Broker | None = None
         self._backend: Backend | None = None
         self._oid, self._oid_pid = "", 0
+        self._prepared_routes: tuple[Any, list[Any]] = (object(), [])
         _current_app = self
 
     def __repr__(self) -> str:
@@ -115,6 +116,13 @@ class Celeriac:
                     broker.queue_spec = self.queue_spec  # type: ignore[method-assign]
                     self._broker = broker
         return self._broker
+
+    def _routers(self) -> list[Any]:
+        """``task_routes`` prepared once (patterns compiled), again only if it changes."""
+        routes = self.conf.task_routes
+        if self._prepared_routes[0] is not routes:
+            self._prepared_routes = (routes, prepare(routes))
+        return self._prepared_routes[1]
 
     def queue_spec(self, name: str) -> QueueSpec:
         """How queue ``name`` is declared (``task_queues``, else Celery's defaults)."""
@@ -213,7 +221,7 @@ class Celeriac:
         """Queue task ``name`` (which need not be registered here) and return its result."""
         conf = self.conf
         task_id = task_id or new_id()
-        routed = route_options(prepare(conf.task_routes), name, args, kwargs,
+        routed = route_options(self._routers(), name, args, kwargs,
                                {"queue": queue, "priority": priority})
         queue = routed.get("queue") or conf.task_default_queue
         priority = routed.get("priority")

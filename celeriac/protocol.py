@@ -45,9 +45,16 @@ def saferepr(obj: Any) -> str:
         return f"<unrepresentable {type(obj).__name__}>"
 
 
+_origin: tuple[int, str] = (0, "")
+
+
 def origin_name() -> str:
-    """Celery's ``anon_nodename()``: ``gen<pid>@<host>``."""
-    return f"gen{os.getpid()}@{socket.gethostname()}"
+    """Celery's ``anon_nodename()``: ``gen<pid>@<host>`` (worked out once per process)."""
+    global _origin
+    pid = os.getpid()
+    if _origin[0] != pid:
+        _origin = (pid, f"gen{pid}@{socket.gethostname()}")
+    return _origin[1]
 
 
 def new_id() -> str:

@@ -69,9 +69,6 @@ PENDING_META: dict[str, Any] = {"status": states.PENDING, "result": None, "trace
 
 
 class Backend(ABC):
-    #: True when ``get()`` is woken by the store instead of polling.
-    wakes_waiters = False
-
     def __init__(self, app: Celeriac, url: str) -> None:
         self.app = app
         self.url = url
@@ -175,18 +172,12 @@ class Backend(ABC):
         """Block until the task is ready; returns its meta or raises TimeoutError."""
         deadline = None if timeout is None else time.monotonic() + timeout
         attempt = 0
-        try:
-            while True:
-                meta = self.get_meta(task_id)
-                if meta["status"] in states.READY_STATES:
-                    return meta
-                remaining = 3600.0 if deadline is None else deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError("The operation timed out.")
-                self._wait_for_change(task_id, remaining, attempt)
-                attempt += 1
-        finally:
-            self._done_waiting(task_id)
-
-    def _done_waiting(self, task_id: str) -> None:  # noqa: B027 - optional hook
-        """Called when ``wait`` returns or raises: release what waiting took."""
+        while True:
+            meta = self.get_meta(task_id)
+            if meta["status"] in states.READY_STATES:
+                return meta
+            remaining = 3600.0 if deadline is None else deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("The operation timed out.")
+            self._wait_for_change(task_id, remaining, attempt)
+            attempt += 1

@@ -26,7 +26,6 @@ _stores_lock = threading.Lock()
 
 
 class MemoryBackend(Backend):
-    wakes_waiters = True
 
     def __init__(self, app: Celeriac, url: str) -> None:
         super().__init__(app, url)

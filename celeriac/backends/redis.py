@@ -72,7 +72,6 @@ def history_key(task_id: str) -> str:
 
 
 class RedisBackend(Backend):
-    wakes_waiters = True
 
     def __init__(self, app: Celeriac, url: str) -> None:
         super().__init__(app, url)

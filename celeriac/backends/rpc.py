@@ -40,7 +40,6 @@ HISTORY_HEADER = "x-celeriac-history"
 
 
 class RPCBackend(Backend):
-    wakes_waiters = True
 
     def __init__(self, app: Celeriac, url: str) -> None:
         super().__init__(app, url)

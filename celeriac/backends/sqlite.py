@@ -68,7 +68,6 @@ WAIT_RECHECK = 0.25
 
 
 class SQLiteBackend(Backend):
-    wakes_waiters = True
 
     def __init__(self, app: Celeriac, url: str) -> None:
         super().__init__(app, url)

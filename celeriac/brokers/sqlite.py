@@ -157,7 +157,6 @@ class SQLiteConsumer(Consumer):
         self.queues = queues
         self.name = name
         self.lease = broker.visibility_timeout
-        self._io = io
         self._listener = Listener(broker.bell_dir)
         self._rung: asyncio.Event | None = None
         self._held: set[int] = set()
