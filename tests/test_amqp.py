@@ -29,6 +29,12 @@ def add(self, x, y):
 
 
 @app.task
+def nap(x):
+    time.sleep(0.02)
+    return 2 * x
+
+
+@app.task
 def fail(value):
     raise KeyError(value)
 
@@ -57,6 +63,13 @@ app.conf.update(task_track_started=True, task_default_queue=os.environ['TEST_QUE
 def add(self, x, y):
     self.update_state(state='PROGRESS', meta={'x': x})
     return x + y
+
+
+@app.task(name='tasks.nap')
+def nap(x):
+    import time
+    time.sleep(0.02)
+    return 2 * x
 
 
 @app.task(name='tasks.fail')
@@ -138,7 +151,7 @@ def test_celery_and_celeriac_workers_share_one_queue(project, env, workers):
     write_module(project, "ctasks", CELERY_TASKS)
     workers.append(CeleryWorker(project, "ctasks", env=env))
     workers.append(Worker(project, "tasks", env=env, concurrency=1))
-    rs = [tasks.add.delay(i, i) for i in range(60)]
+    rs = [tasks.nap.delay(i) for i in range(60)]
     assert [r.get(timeout=30) for r in rs] == [2 * i for i in range(60)]
     by_celeriac = sum(states.RECEIVED in [h["state"] for h in r.history] for r in rs)
     assert 0 < by_celeriac < 60

@@ -33,6 +33,12 @@ def add(self, x, y):
 
 
 @app.task
+def nap(x):
+    time.sleep(0.02)
+    return 2 * x
+
+
+@app.task
 def fail(value):
     raise ValueError('bad value', value)
 
@@ -60,6 +66,13 @@ app.conf.task_track_started = True
 def add(self, x, y):
     self.update_state(state='PROGRESS', meta={'x': x})
     return x + y
+
+
+@app.task(name='tasks.nap')
+def nap(x):
+    import time
+    time.sleep(0.02)
+    return 2 * x
 
 
 @app.task(name='tasks.fail')
@@ -167,7 +180,7 @@ def test_celery_and_celeriac_workers_share_one_queue(project, env, workers, redi
     write_module(project, "ctasks", CELERY_TASKS)
     workers.append(CeleryWorker(project, "ctasks", env=env))
     workers.append(Worker(project, "tasks", env=env, concurrency=1))
-    rs = [tasks.add.delay(i, i) for i in range(60)]
+    rs = [tasks.nap.delay(i) for i in range(60)]
     assert [r.get(timeout=30) for r in rs] == [2 * i for i in range(60)]
     client = redis.Redis.from_url(redis_url)
     deadline = time.monotonic() + 5  # a result is written just before its ack
