@@ -192,12 +192,16 @@ on the same kind of store, and report ratios:
   one-machine store that needs no server (celeriac's embedded SQLite broker and results;
   Celery's SQLAlchemy transport and result backend on SQLite), both workers `-c 2`, and
   the workers' memory.
-- `benchmarks/redis_bench.py`: the same measures with Redis as broker and result
-  backend on both sides (celeriac's `redis://`; kombu's Redis transport and Celery's
-  Redis backend), plus how fast a worker drains a queue filled beforehand.  It needs a
-  Redis server (default `redis://127.0.0.1:6379`) and uses one database of it (`--db`,
-  default 13), which it flushes; do not run it while the test suite runs, whose Redis
-  tests use databases 1-12 (and kill the clients of their own database in one test).
+- `benchmarks/servers.py --setup redis|amqp-redis|amqp-file`: the same measures on
+  servers, both sides with the same URLs: Redis as broker and result store; RabbitMQ as
+  broker with Redis results; RabbitMQ as broker with file results.  It also times how
+  fast a worker drains a queue filled beforehand.  Redis setups use one database
+  (`--db`, default 13), which the script flushes; RabbitMQ setups use a virtual host of
+  their own (`--vhost`, default `celeriac-bench`, made with `rabbitmqctl` and deleted
+  after).  Do not run it while the test suite runs: the suite's Redis tests use
+  databases 1-12 and one of its RabbitMQ tests closes every connection of the server.
+- `benchmarks/all.py`: the two above for every setup, one after the other, then a
+  summary table of all of them.
 - `benchmarks/file_backend_race.py`: whether a reader of the file result backend
   (`file:///dir`) ever sees a task go back to PENDING or fails to decode its result while
   a writer keeps updating the task's state.
@@ -205,14 +209,14 @@ on the same kind of store, and report ratios:
 Worker start-up is never timed: the scripts start the workers, wait until they answer a
 warm-up task, then measure.  Every store file (and celeriac's wake-up sockets) lives in
 a temporary directory of its own, removed at the end, and every process a script starts
-is stopped before it exits, also on error.  Each script takes a few minutes at most.
+is stopped before it exits, also on error.
 
 Run them from the repository root; the `bench` extra installs Celery and SQLAlchemy
-(which Celery's SQLite broker and result backend need):
+(which Celery's SQLite broker and result backend need).  One command runs every
+side-by-side benchmark and rewrites this file's sections (about 25 minutes):
 
     .venv/bin/pip install -e '.[bench]'
-    .venv/bin/python benchmarks/embedded.py --write
-    .venv/bin/python benchmarks/redis_bench.py --write
+    .venv/bin/python benchmarks/all.py --write
     .venv/bin/python benchmarks/file_backend_race.py --write
 
 Without `--write` a script only prints its table; with it, it replaces its own section

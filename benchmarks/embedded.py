@@ -362,6 +362,7 @@ def main() -> int:
     parser.add_argument("--only", choices=SIDES, help="run one side only")
     parser.add_argument("--write", action="store_true",
                         help="write the section of docs/BENCHMARKS.md")
+    parser.add_argument("--json", help="also write the results as JSON to this file")
     parser.add_argument("--keep", action="store_true", help="keep the temp directories")
     parser.add_argument("--client", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--get-interval", type=float, default=None, help=argparse.SUPPRESS)
@@ -390,6 +391,9 @@ def main() -> int:
             print(f"\n{side} failed: {r['error']}\n{r.get('worker_log', '')}")
         elif r.get("worker_problems"):
             print(f"\n{side}'s worker logged errors:\n" + "\n".join(r["worker_problems"][:10]))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"setup": "embedded", "results": results}, f)
     if args.write:
         common.write_section("embedded", section(args, results))
     return 1 if any("error" in r for r in results.values()) else 0

@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Iterable, Mapping
 from datetime import timedelta
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 #: Settings celeriac implements, with their defaults (Celery's, where Celery has one).
 DEFAULTS: dict[str, Any] = {
@@ -38,8 +39,10 @@ DEFAULTS: dict[str, Any] = {
     "task_publish_retry": True,
     "task_publish_retry_policy": {"max_retries": 3, "interval_start": 0,
                                   "interval_step": 0.2, "interval_max": 0.2},
-    "broker_connection_retry_on_startup": True,
+    "broker_connection_retry": True,
+    "broker_connection_retry_on_startup": None,  # None: as broker_connection_retry
     "broker_connection_max_retries": 100,
+    "broker_connection_timeout": 4.0,
     "result_persistent": None,
     "task_acks_late": False,
     "task_always_eager": False,
@@ -178,3 +181,15 @@ def settings_from_object(obj: Any, namespace: str | None = None) -> dict[str, An
                 and type(value).__name__ != "module":
             found[key] = value
     return found
+
+
+def masked_url(url: str | None) -> str:
+    """``url`` with its password shown as ``**`` (as Celery prints broker URLs)."""
+    if not url:
+        return str(url)
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)
+    user = netloc[0].split(":", 1)[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:**@{netloc[1]}"))

@@ -49,6 +49,15 @@ def sleepy(seconds, tag=None):
 def slow(seconds):
     time.sleep(seconds)
     return 'slept'
+
+
+@app.task(acks_late=True)
+async def long_nap(seconds, path):
+    import asyncio
+    with open(path, 'a') as f:
+        f.write('start\\n')
+    await asyncio.sleep(seconds)
+    return 'done'
 """
 
 CELERY_TASKS = """
@@ -288,3 +297,27 @@ def test_a_burst_without_publisher_confirms(project, env, workers):
     workers.append(Worker(project, "tasks", env=env, concurrency=2))
     rs = [tasks.sleepy.delay(0, i) for i in range(300)]
     assert [r.get(timeout=30) for r in rs] == list(range(300))
+
+
+def test_acks_of_later_deliveries_never_cover_an_earlier_running_one(project, env, workers):
+    """Acks go out as one ``multiple`` frame where RabbitMQ allows.  An async acks_late
+    task still running holds the lowest delivery tag while later tasks finish and are
+    acked: those acks must not cover it, so when the worker is killed RabbitMQ still
+    has it and the next worker runs it."""
+    tasks = _celeriac(project)
+    marker = project / "long-nap.log"
+    w = Worker(project, "tasks", env=env, concurrency=1)
+    workers.append(w)
+    long = tasks.long_nap.delay(3, str(marker))
+    deadline = time.monotonic() + 20
+    while not marker.exists():
+        assert time.monotonic() < deadline, w.log
+        time.sleep(0.02)
+    assert [tasks.slow.delay(0).get(timeout=10) for _ in range(5)] == ["slept"] * 5
+    rs = [tasks.slow.delay(0) for _ in range(20)]
+    assert [r.get(timeout=10) for r in rs] == ["slept"] * 20
+    assert long.state == states.STARTED
+    w.kill_all()
+    workers.append(Worker(project, "tasks", env=env, concurrency=1))
+    assert long.get(timeout=20) == "done"
+    assert marker.read_text() == "start\nstart\n"

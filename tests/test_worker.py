@@ -380,3 +380,28 @@ def _alive(pid: int) -> bool:
         return False
     with open(f"/proc/{pid}/stat") as f:
         return f.read().split(")")[1].split()[0] != "Z"
+
+
+@pytest.mark.parametrize(("settings", "says"), [
+    ("broker_connection_retry_on_startup=False", "broker_connection_retry_on_startup is False"),
+    ("broker_connection_max_retries=1", "gave up after 1 retries"),
+])
+def test_a_worker_whose_broker_is_down_at_start_says_so_and_exits(project, settings, says):
+    """As Celery: without start-up retries the first failure stops the worker; with
+    them it tries again, at most broker_connection_max_retries times."""
+    import subprocess
+
+    from .conftest import CELERIAC
+
+    write_module(project, "downtasks", f"""
+        from celeriac import Celery
+        app = Celery('downtasks', broker='redis://:secret@127.0.0.1:1/0')
+        app.conf.update({settings})
+        """)
+    proc = subprocess.run([*CELERIAC, "-A", "downtasks", "worker", "-c", "1"], cwd=project,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    assert "cannot connect to the broker redis://:**@127.0.0.1:1/0" in proc.stderr
+    assert says in proc.stderr
+    assert "secret" not in proc.stderr
+    assert "celeriac worker" not in proc.stderr  # no process was started

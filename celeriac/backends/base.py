@@ -18,11 +18,13 @@ appending the history entry only when the state was written.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -91,6 +93,10 @@ class Backend(ABC):
     @abstractmethod
     def record(self, records: Sequence[Record]) -> list[bool]:
         """Apply writes in order; for each, whether its state (or history entry) was written."""
+
+    async def record_async(self, records: Sequence[Record], io: Executor) -> list[bool]:
+        """:meth:`record` from a worker's event loop; by default on its ``io`` thread."""
+        return await asyncio.get_running_loop().run_in_executor(io, self.record, records)
 
     @abstractmethod
     def history(self, task_id: str) -> list[dict[str, Any]]:

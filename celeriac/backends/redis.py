@@ -20,12 +20,13 @@ import os
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import Executor
 from typing import TYPE_CHECKING, Any
 
 import redis
 
 from .. import serialization, states
-from ..brokers.redis import sync_client
+from ..brokers.redis import async_client, sync_client
 from ..exceptions import TimeoutError
 from ..protocol import check_task_id
 from .base import Backend, Record
@@ -81,6 +82,8 @@ class RedisBackend(Backend):
         self._sha = ""
         self._local = threading.local()
         self._lua_reads_meta = self.serializer == "json"
+        self._aclient: Any = None
+        self._aclient_pid = 0
 
     @property
     def client(self) -> redis.Redis:
@@ -109,6 +112,27 @@ class RedisBackend(Backend):
         on any pipeline (the broker's, to write results and acks in one round trip)."""
         return self._lua_reads_meta
 
+    async def record_async(self, records: Sequence[Record], io: Executor) -> list[bool]:
+        """One pipelined round trip on an asyncio client of the worker's loop (JSON
+        metas); other serializers take the WATCH path on the ``io`` thread."""
+        if not self._lua_reads_meta:
+            return await super().record_async(records, io)
+        if self._aclient is None or self._aclient_pid != os.getpid():
+            self._aclient, self._aclient_pid = async_client(self.url), os.getpid()
+        if not self._sha:
+            self.client  # noqa: B018 - connects and loads the script
+        for attempt in (1, 2):
+            try:
+                async with self._aclient.pipeline(transaction=False) as pipe:
+                    self.queue_records(pipe, records)
+                    replies = await pipe.execute()
+                return self._applied(records, replies)
+            except redis.exceptions.NoScriptError:  # the server restarted: load it again
+                if attempt == 2:
+                    raise
+                self.load_script()
+        raise AssertionError("unreachable")
+
     def load_script(self) -> None:
         self._sha = self.client.script_load(_SET_STATE)
 
@@ -134,6 +158,10 @@ class RedisBackend(Backend):
         with self.client.pipeline(transaction=False) as pipe:
             self.queue_records(pipe, records)
             replies = pipe.execute()
+        return self._applied(records, replies)
+
+    def _applied(self, records: Sequence[Record], replies: list[Any]) -> list[bool]:
+        """Whether each record was written, from the replies of :meth:`queue_records`."""
         applied = []
         i = 0
         for r in records:

@@ -102,6 +102,11 @@ class AMQPBroker(Broker):
         self.retrying(attempt, (OSError, amqp.exceptions.RecoverableConnectionError),
                       reconnect)
 
+    def ping(self, timeout: float) -> None:
+        conn = amqp.Connection(**_parse(self.url), connect_timeout=timeout)
+        conn.connect()
+        conn.close()
+
     def purge(self, queues: Sequence[str]) -> int:
         channel = self._channel()
         total = 0
@@ -195,6 +200,9 @@ class AMQPConsumer(Consumer):
         self._queues: list[aio_pika.abc.AbstractQueue] = []
         self._tags: list[str] = []
         self._switching = asyncio.Lock()  # pause() and resume() one at a time
+        self._raw: Any = None  # the channel's aiormq channel, for acks
+        #: delivery tags of the current channel not acked or rejected yet
+        self._unsettled: set[int] = set()
 
     @property
     def _connected(self) -> bool:
@@ -216,6 +224,8 @@ class AMQPConsumer(Consumer):
         channel = await self._connection.channel()
         await channel.set_qos(prefetch_count=prefetch)
         self._channel = channel
+        self._raw = await channel.get_underlay_channel()
+        self._unsettled = set()
         await channel.declare_queue(DEAD_LETTERS, durable=True)
         for q in self.queues:
             spec = self.broker.queue_spec(q)
@@ -236,6 +246,8 @@ class AMQPConsumer(Consumer):
 
     def _receiver(self, name: str) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:
         async def receive(incoming: AbstractIncomingMessage) -> None:
+            if incoming.channel is self._raw and incoming.delivery_tag is not None:
+                self._unsettled.add(incoming.delivery_tag)
             self._inbox.put_nowait(_from_aio(incoming, name))
 
         return receive
@@ -249,7 +261,11 @@ class AMQPConsumer(Consumer):
                 for queue, tag in zip(self._queues, tags, strict=False):
                     await _settled(queue.cancel(tag), "cancel a consumer")
         while not self._inbox.empty():
-            await _settled(self._inbox.get_nowait().tag.reject(requeue=True), "hand back")
+            await self._hand_back(self._inbox.get_nowait().tag)
+
+    async def _hand_back(self, incoming: AbstractIncomingMessage) -> None:
+        self._unsettled.discard(incoming.delivery_tag or 0)
+        await _settled(incoming.reject(requeue=True), "hand back")
 
     async def get(self, limit: int, timeout: float) -> list[Message]:
         if not self._connected:
@@ -269,14 +285,34 @@ class AMQPConsumer(Consumer):
         return out
 
     async def ack(self, messages: Sequence[Message]) -> None:
-        for m in messages:
-            await _settled(m.tag.ack(), f"ack {m.headers.get('id')}")
+        """Ack with as few frames as RabbitMQ allows: one ``multiple`` ack covers every
+        tag below the lowest delivery still unsettled, the rest go one by one.  Acks are
+        one-way frames, queued on the connection without waiting for the write."""
+        raw = self._raw
+        tags = sorted(m.tag.delivery_tag for m in messages if m.tag.channel is raw)
+        if len(tags) < len(messages):
+            log.warning("could not ack %d message(s): their channel is gone; RabbitMQ "
+                        "delivers them again", len(messages) - len(tags))
+        if not tags:
+            return
+        self._unsettled.difference_update(tags)
+        floor = min(self._unsettled, default=tags[-1] + 1)
+        covered = sum(1 for t in tags if t < floor)
+        try:
+            if covered:
+                await raw.basic_ack(tags[covered - 1], multiple=covered > 1, wait=False)
+            for t in tags[covered:]:
+                await raw.basic_ack(t, wait=False)
+        except Exception as exc:
+            log.warning("could not ack %d message(s) (%r): the channel is gone; RabbitMQ "
+                        "delivers them again", len(tags), exc)
 
     async def reject(self, message: Message, *, requeue: bool, reason: str = "") -> None:
         incoming = message.tag
         if requeue:
-            await _settled(incoming.reject(requeue=True), "hand back")
+            await self._hand_back(incoming)
             return
+        self._unsettled.discard(incoming.delivery_tag or 0)
         assert self._channel is not None
         headers = dict(incoming.headers or {})
         headers["x-celeriac-reason"] = reason

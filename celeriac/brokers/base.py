@@ -11,7 +11,6 @@ delivered again (after a lease lapses, or when the connection drops).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from abc import ABC, abstractmethod
@@ -67,7 +66,7 @@ class Consumer(ABC):
         A consumer whose broker shares a store with the backend may do both at once.
         """
         if records:
-            await asyncio.get_running_loop().run_in_executor(io, backend.record, records)
+            await backend.record_async(records, io)
         if acks:
             await self.ack(acks)
 
@@ -115,6 +114,9 @@ class Broker(ABC):
         """
         backend.record(records)
         self.publish(message)
+
+    def ping(self, timeout: float) -> None:  # noqa: B027 - a local store is always there
+        """Connect once and let go; raises when the broker cannot be reached."""
 
     @abstractmethod
     def purge(self, queues: Sequence[str]) -> int:

@@ -164,6 +164,14 @@ class RedisBroker(Broker):
 
         self.retrying(attempt, (redis.ConnectionError, redis.TimeoutError), lambda: None)
 
+    def ping(self, timeout: float) -> None:
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=timeout,
+                                      socket_timeout=timeout)
+        try:
+            client.ping()
+        finally:
+            client.close()
+
     def purge(self, queues: Sequence[str]) -> int:
         keys = [queue_key(q, p) for q in queues for p in PRIORITY_STEPS]
         with self.client.pipeline() as pipe:

@@ -12,6 +12,7 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
+from ..conf import masked_url
 from .consumer import run_process
 
 if TYPE_CHECKING:
@@ -27,6 +28,41 @@ RESPAWN_BACKOFF = 1.0
 def setup_logging(loglevel: str) -> None:
     logging.basicConfig(level=loglevel.upper(), format=LOG_FORMAT, stream=sys.stderr,
                         force=True)
+
+
+def broker_reachable(app: Celeriac) -> bool:
+    """Whether the broker answers before the worker starts its processes.
+
+    As Celery: with ``broker_connection_retry_on_startup`` (default: the value of
+    ``broker_connection_retry``, True) a broker that is down is tried again with growing
+    pauses, up to ``broker_connection_max_retries`` times (0 or None: for ever); with it
+    False, the first failure stops the worker."""
+    conf = app.conf
+    retry = conf.broker_connection_retry_on_startup
+    if retry is None:
+        retry = conf.broker_connection_retry
+    max_retries = conf.broker_connection_max_retries or None
+    timeout = float(conf.broker_connection_timeout or 4.0)
+    url = masked_url(app.broker_url)
+    tries = 0
+    while True:
+        try:
+            app.broker.ping(timeout)
+            return True
+        except Exception as exc:
+            if not retry:
+                log.critical("cannot connect to the broker %s: %r (not retried: "
+                             "broker_connection_retry_on_startup is False)", url, exc)
+                return False
+            if max_retries is not None and tries >= max_retries:
+                log.critical("cannot connect to the broker %s: %r; gave up after %d retries "
+                             "(broker_connection_max_retries)", url, exc, tries)
+                return False
+            tries += 1
+            pause = min(2.0 * tries, 30.0)
+            log.error("cannot connect to the broker %s: %r; retry %d in %.0f s",
+                      url, exc, tries, pause)
+            time.sleep(pause)
 
 
 def run_worker(app: Celeriac, *, concurrency: int, queues: list[str], hostname: str) -> int:
@@ -62,10 +98,13 @@ def run_worker(app: Celeriac, *, concurrency: int, queues: list[str], hostname: 
         for pid in children:
             _kill(pid, signal.SIGTERM)
 
+    if not broker_reachable(app):
+        return 1
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     log.warning("celeriac worker %s: %d processes, queues %s, broker %s, results %s",
-                hostname, concurrency, ",".join(queues), app.broker_url, app.result_backend_url)
+                hostname, concurrency, ",".join(queues), masked_url(app.broker_url),
+                masked_url(app.result_backend_url))
     for slot in range(1, concurrency + 1):
         spawn(slot)
     while children:

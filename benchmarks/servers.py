@@ -1,15 +1,22 @@
-"""Throughput, round trip, memory and queue drain on Redis (broker and results).
+"""Throughput, round trip, memory and queue drain on a server broker and result store.
 
-celeriac: ``Celery('benchtasks', broker='redis://.../N')``, the result backend being the
-same Redis database (its default).  Celery 5.7: ``Celery('benchtasks', broker=URL,
-backend=URL)``, kombu's Redis transport and Celery's Redis result backend, prefork pool.
-Both workers run ``-c 2`` with their default settings, on the same no-op task.
+Three setups (``--setup``), each run with celeriac and with Celery 5.7 in the same run:
 
-Every run uses one Redis database of its own (``--db``, default 13) and FLUSHDBs it
-before and after each side; no other database is touched.  The script refuses to start
-when that database holds keys (``--force`` flushes them anyway).  While it runs it
-notes the CPU time of other processes and the clients of other databases, and warns
-when someone else used more than 5 % of the CPUs.
+``redis``       Redis broker, results in the same Redis database;
+``amqp-redis``  RabbitMQ broker, Redis results;
+``amqp-file``   RabbitMQ broker, file results (``file:///<tmp>/results``).
+
+celeriac: ``Celery('benchtasks', broker=BROKER, backend=BACKEND)`` (for ``redis`` the
+backend is left out: the same database is celeriac's default).  Celery 5.7: the same
+URLs, kombu's transports and Celery's backends, prefork pool.  Both workers run ``-c 2``
+with their default settings, on the same no-op task.
+
+Isolation: Redis runs use one database of their own (``--db``, default 13), flushed
+before and after each side (the script refuses to start when it holds keys, unless
+``--force``); RabbitMQ runs use a virtual host of their own (``--vhost``, default
+``celeriac-bench``, created with ``rabbitmqctl`` and deleted at the end) whose queues
+are deleted between sides.  While it runs the script notes the CPU time of other
+processes and warns when someone else used more than 5 % of the CPUs.
 
 Per side, measured as in ``embedded.py`` (same producer code) after the worker has
 answered a warm-up task:
@@ -27,7 +34,8 @@ answered a warm-up task:
 
 Usage::
 
-    .venv/bin/python benchmarks/redis_bench.py [--n 5000] [--repeat 3] [--db 13]
+    .venv/bin/python benchmarks/servers.py --setup redis|amqp-redis|amqp-file
+        [--n 5000] [--repeat 3] [--db 13] [--vhost celeriac-bench]
         [--drain-large 100000] [--drain-large-sides celeriac,celery]
         [--only celeriac|celery] [--write]
 """
@@ -35,6 +43,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -48,20 +57,22 @@ import time
 from typing import Any
 
 import _common as common
+import amqp
 import embedded
 import redis
 
 SIDES = embedded.SIDES
 MODULE = embedded.MODULE
-QUEUE_KEY = "celery"  # the default queue's list (priority 0-2) on both sides
-CLIENT_TIMEOUT = 420.0
+SETUPS = ("redis", "amqp-redis", "amqp-file")
+QUEUE = "celery"  # the default queue on both sides (the Redis list of priority 0-2)
+CLIENT_TIMEOUT = 600.0
 #: Longest a worker may take to take its first message in a drain test.
 START_TIMEOUT = 90.0
 
 CELERIAC_MODULE = '''\
 from celeriac import Celery
 
-app = Celery("benchtasks", broker="{url}")
+app = Celery("benchtasks", broker="{broker}"{backend_arg})
 
 
 @app.task
@@ -72,7 +83,7 @@ def noop():
 CELERY_MODULE = '''\
 from celery import Celery
 
-app = Celery("benchtasks", broker="{url}", backend="{url}")
+app = Celery("benchtasks", broker="{broker}", backend="{backend}")
 app.conf.broker_connection_retry_on_startup = True
 
 
@@ -99,10 +110,10 @@ def run_fill(n: int, ids_path: str) -> None:
     print(json.dumps({"fill_s": elapsed}), flush=True)
 
 
-# ---------------------------------------------------------------------- Redis
+# ---------------------------------------------------------------------- stores
 
 
-class Database:
+class RedisDB:
     """The one Redis database this run uses."""
 
     def __init__(self, base: str, db: int) -> None:
@@ -120,7 +131,7 @@ class Database:
         self.client.flushdb()
 
     def queued(self) -> int:
-        return int(self.client.llen(QUEUE_KEY))
+        return int(self.client.llen(QUEUE))
 
     def not_done(self, ids: list[str], chunk: int = 5000) -> list[str]:
         """The ids whose result is not SUCCESS yet (pipelined MGETs)."""
@@ -132,24 +143,208 @@ class Database:
                      if v is None or b"SUCCESS" not in v]
         return left
 
+    def version(self) -> str:
+        try:
+            return str(self.client.info("server")["redis_version"])
+        except redis.RedisError:
+            return "?"
+
+
+class RabbitVhost:
+    """A RabbitMQ virtual host of the run's own, made with ``rabbitmqctl``."""
+
+    def __init__(self, host: str, vhost: str) -> None:
+        self.vhost = vhost
+        self.url = f"amqp://guest:guest@{host}/{vhost}"
+        self._host = host
+        self._conn: amqp.Connection | None = None
+        self._channel: Any = None
+
+    def _ctl(self, *argv: str) -> str:
+        proc = subprocess.run(["rabbitmqctl", "-q", *argv], capture_output=True, text=True,
+                              timeout=60)
+        if proc.returncode != 0:
+            raise SystemExit(f"rabbitmqctl {' '.join(argv)} failed: {proc.stderr.strip()}")
+        return proc.stdout
+
+    def create(self) -> None:
+        if self.vhost in self._ctl("list_vhosts", "name").split():
+            self._ctl("delete_vhost", self.vhost)
+        self._ctl("add_vhost", self.vhost)
+        self._ctl("set_permissions", "-p", self.vhost, "guest", ".*", ".*", ".*")
+
+    def delete(self) -> None:
+        self._close()
+        self._ctl("delete_vhost", self.vhost)
+
+    def _close(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.close()
+        self._conn = self._channel = None
+
+    def _chan(self) -> Any:
+        if self._conn is None:
+            self._conn = amqp.Connection(self._host, userid="guest", password="guest",
+                                         virtual_host=self.vhost)
+            self._conn.connect()
+            self._channel = self._conn.channel()
+        return self._channel
+
+    def queued(self) -> int:
+        """Messages ready in the default queue (0 when it does not exist yet)."""
+        try:
+            return int(self._chan().queue_declare(QUEUE, passive=True).message_count)
+        except amqp.exceptions.NotFound:
+            self._close()  # the failed passive declare closed the channel
+            return 0
+
+    def flush(self) -> None:
+        """Delete the default queue (either side declares it again on start)."""
+        with contextlib.suppress(amqp.exceptions.NotFound):
+            self._chan().queue_delete(QUEUE)
+        self._close()
+
+    def version(self) -> str:
+        conn = amqp.Connection(self._host, userid="guest", password="guest",
+                               virtual_host=self.vhost)
+        conn.connect()
+        try:
+            return str(conn.server_properties.get("version", "?"))
+        finally:
+            conn.close()
+
+
+class FileResults:
+    """A directory of result files (``file://`` backend), one per side."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.url = f"file://{directory}"
+
+    def flush(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+        os.makedirs(self.directory)
+
+    def not_done(self, ids: list[str]) -> list[str]:
+        left = []
+        for t in ids:
+            try:
+                with open(os.path.join(self.directory, f"celery-task-meta-{t}"), "rb") as f:
+                    if b"SUCCESS" in f.read():
+                        continue
+            except OSError:
+                pass
+            left.append(t)
+        return left
+
+
+class Store:
+    """What one setup runs on: a broker (Redis database or RabbitMQ vhost) and a result
+    store (the same Redis database, another one, or a directory of files)."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.setup = args.setup
+        self.redis = RedisDB(args.redis, args.db) if "redis" in args.setup else None
+        self.rabbit = RabbitVhost(args.amqp, args.vhost) if args.setup.startswith(
+            "amqp") else None
+        self.files: FileResults | None = None
+
+    @property
+    def broker(self) -> RedisDB | RabbitVhost:
+        broker = self.rabbit or self.redis
+        assert broker is not None
+        return broker
+
+    def use_files(self, directory: str) -> None:
+        """Results of the side about to run go to ``directory`` (``amqp-file``)."""
+        if self.setup == "amqp-file":
+            self.files = FileResults(directory)
+            self.files.flush()
+
+    @property
+    def backend_url(self) -> str:
+        if self.files is not None:
+            return self.files.url
+        assert self.redis is not None
+        return self.redis.url
+
+    def open(self, force: bool) -> None:
+        if self.redis is not None:
+            self.redis.check_empty(force)
+        if self.rabbit is not None:
+            self.rabbit.create()
+
+    def close(self) -> None:
+        self.flush()
+        if self.rabbit is not None:
+            self.rabbit.delete()
+
+    def flush(self) -> None:
+        if self.redis is not None:
+            self.redis.flush()
+        if self.rabbit is not None:
+            self.rabbit.flush()
+        if self.files is not None:
+            self.files.flush()
+
+    def queued(self) -> int:
+        return self.broker.queued()
+
+    def not_done(self, ids: list[str]) -> list[str]:
+        if self.files is not None:
+            return self.files.not_done(ids)
+        assert self.redis is not None
+        return self.redis.not_done(ids)
+
+    def describe_left(self) -> str:
+        if self.setup == "redis":
+            assert self.redis is not None
+            return f"{self.redis.client.hlen('unacked')} messages unacked"
+        return f"{self.queued()} messages ready in the queue"
+
+    def versions(self) -> str:
+        parts = []
+        if self.redis is not None:
+            parts.append(f"redis-py {common._version('redis')}, hiredis "
+                         f"{common._version('hiredis')}, Redis server {self.redis.version()}")
+        if self.rabbit is not None:
+            parts.append(f"aio-pika {common._version('aio-pika')}, py-amqp "
+                         f"{common._version('amqp')}, RabbitMQ {self.rabbit.version()}")
+        return ", ".join(parts) + " (same machine)"
+
+
+SERVER_NAMES = ("redis-server", "beam.smp")
+
+
+def server_pids() -> list[int]:
+    """The Redis and RabbitMQ server processes, by command name."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/comm") as f:
+                    if f.read().strip() in SERVER_NAMES:
+                        pids.append(int(entry))
+            except OSError:
+                continue
+    return pids
+
 
 class Watcher:
-    """Notes what else used the machine while the benchmark ran: Redis clients of other
-    databases that sent commands (a test suite, say), and the CPU time of processes
-    other than this script, its children and the Redis server."""
+    """Notes what else used the machine while the benchmark ran: the CPU time of
+    processes other than this script, its children and the broker/result servers, and
+    (with Redis) clients of other databases that sent commands (a test suite, say)."""
 
-    def __init__(self, db: Database, every: float = 0.5) -> None:
-        self.client = redis.Redis.from_url(db.url)
-        self.db = db.number
+    def __init__(self, store: Store, every: float = 0.5) -> None:
+        self.redis = store.redis
+        self.client = redis.Redis.from_url(store.redis.url) if store.redis else None
         self.every = every
         self.polls = 0
         self.busy_polls = 0
         self.max_clients = 0
         self.dbs: set[int] = set()
-        try:
-            self.redis_pid: int | None = int(self.client.info("server")["process_id"])
-        except (redis.RedisError, KeyError, ValueError):
-            self.redis_pid = None
+        self.servers = server_pids()
         self.started = time.monotonic()
         self.cpu0 = self._cpu()
         self._stop = threading.Event()
@@ -158,7 +353,7 @@ class Watcher:
 
     def _cpu(self) -> tuple[float, float, float]:
         """CPU seconds: the machine's busy time, this process and its waited-for
-        children, and the Redis server."""
+        children, and the servers."""
         tick = os.sysconf("SC_CLK_TCK")
         with open("/proc/stat") as f:
             v = [int(x) for x in f.readline().split()[1:8]]
@@ -166,16 +361,18 @@ class Watcher:
         t = os.times()
         ours = t.user + t.system + t.children_user + t.children_system
         server = 0.0
-        if self.redis_pid is not None:
+        for pid in self.servers:
             try:
-                with open(f"/proc/{self.redis_pid}/stat") as f:
+                with open(f"/proc/{pid}/stat") as f:
                     stat = f.read().rsplit(")", 1)[1].split()
-                server = (int(stat[11]) + int(stat[12])) / tick
+                server += (int(stat[11]) + int(stat[12])) / tick
             except (OSError, IndexError, ValueError):
                 pass
         return busy, ours, server
 
     def _run(self) -> None:
+        if self.client is None or self.redis is None:
+            return
         while not self._stop.wait(self.every):
             try:
                 clients = self.client.client_list()
@@ -183,7 +380,7 @@ class Watcher:
                 continue
             # other databases' clients that sent a command in the last second (a client
             # of ours is in database 0 for a moment while it connects)
-            others = [c for c in clients if int(c.get("db", 0)) != self.db
+            others = [c for c in clients if int(c.get("db", 0)) != self.redis.number
                       and int(c.get("age", 0)) >= 1 and int(c.get("idle", 0)) <= 1]
             self.polls += 1
             if others:
@@ -202,27 +399,27 @@ class Watcher:
         return self.foreign_cpu / (self.elapsed * len(os.sched_getaffinity(0)))
 
     def _clients_seen(self) -> str:
+        if self.client is None:
+            return ""
         if not self.busy_polls:
-            return "no client of another database of the Redis server sent commands"
+            return ", and no client of another database of the Redis server sent commands"
         dbs = ", ".join(map(str, sorted(self.dbs)))
-        return (f"clients of other databases of the Redis server ({dbs}) sent commands "
-                f"during {self.busy_polls} of {self.polls} checks (up to "
+        return (f", and clients of other databases of the Redis server ({dbs}) sent "
+                f"commands during {self.busy_polls} of {self.polls} checks (up to "
                 f"{self.max_clients} at once)")
 
     def summary(self) -> str | None:
-        """A warning when processes other than the benchmark's and the Redis server's
-        used more than 5 % of the CPUs (a client of the same server costs CPU too)."""
+        """A warning when processes other than the benchmark's and the servers' used
+        more than 5 % of the CPUs."""
         if self._share() <= 0.05:
             return None
         return (f"other processes used {self.foreign_cpu:.0f} CPU-seconds, "
-                f"{self._share():.0%} of the machine's CPUs over the run, and "
-                f"{self._clients_seen()}: they competed with the benchmark, so the "
-                "figures may be disturbed")
+                f"{self._share():.0%} of the machine's CPUs over the run{self._clients_seen()}:"
+                " they competed with the benchmark, so the figures may be disturbed")
 
     def quiet_line(self) -> str:
-        return (f"During the run processes other than the benchmark's and the Redis "
-                f"server's used {self._share():.1%} of the CPUs, and "
-                f"{self._clients_seen()}.")
+        return (f"During the run processes other than the benchmark's and the servers' "
+                f"used {self._share():.1%} of the CPUs{self._clients_seen()}.")
 
 
 def worker_problems(log_path: str) -> list[str]:
@@ -248,18 +445,24 @@ def worker_argv(side: str) -> list[str]:
 class Side:
     """One side's temp directory, environment and processes."""
 
-    def __init__(self, side: str, args: argparse.Namespace, db: Database) -> None:
-        self.side, self.args, self.db = side, args, db
-        self.directory = tempfile.mkdtemp(prefix=f"bench-redis-{side}-")
+    def __init__(self, side: str, args: argparse.Namespace, store: Store) -> None:
+        self.side, self.args, self.db = side, args, store
+        self.directory = tempfile.mkdtemp(prefix=f"bench-{args.setup}-{side}-")
+        store.use_files(os.path.join(self.directory, "results"))
         env = dict(os.environ)
         env["TMPDIR"] = self.directory
         for var in ("CELERY_BROKER_URL", "CELERY_RESULT_BACKEND"):
             env.pop(var, None)
         env["PYTHONDONTWRITEBYTECODE"] = "1"
         self.env = env
-        source = CELERIAC_MODULE if side == "celeriac" else CELERY_MODULE
+        broker, backend = store.broker.url, store.backend_url
+        if side == "celery":
+            source = CELERY_MODULE.format(broker=broker, backend=backend)
+        else:
+            backend_arg = "" if args.setup == "redis" else f", backend={backend!r}"
+            source = CELERIAC_MODULE.format(broker=broker, backend_arg=backend_arg)
         with open(os.path.join(self.directory, f"{MODULE}.py"), "w") as f:
-            f.write(source.format(url=db.url))
+            f.write(source)
         self.workers: list[common.Started] = []
 
     def start_worker(self, label: str) -> common.Started:
@@ -306,7 +509,7 @@ def measure(side: Side, result: dict[str, Any]) -> None:
         worker.stop()
 
 
-def drain_once(side: Side, m: int, label: str) -> dict[str, float]:
+def drain_once(side: Side, m: int, label: str) -> dict[str, Any]:
     """Queue ``m`` tasks with no worker, start one, time from its first take to the last
     result stored."""
     db = side.db
@@ -340,7 +543,7 @@ def drain_once(side: Side, m: int, label: str) -> dict[str, float]:
                 raise RuntimeError(
                     f"last results not stored within {side.args.drain_timeout:.0f} s: "
                     f"{len(db.not_done(ids))} of {m} results missing, "
-                    f"{db.client.hlen('unacked')} messages unacked")
+                    f"{db.describe_left()}")
             time.sleep(0.002)
         t1 = time.perf_counter()
         left = db.not_done(ids)
@@ -386,10 +589,10 @@ def drain(side: Side, result: dict[str, Any]) -> None:
     result["fill_large_s"] = large["fill_s"]
 
 
-def run_side(side_name: str, args: argparse.Namespace, db: Database) -> dict[str, Any]:
+def run_side(side_name: str, args: argparse.Namespace, db: Store) -> dict[str, Any]:
     result: dict[str, Any] = {"side": side_name, "n": args.n}
     side = Side(side_name, args, db)
-    print(f"[{side_name}] {side.directory}, {db.url}", flush=True)
+    print(f"[{side_name}] {side.directory}, {db.broker.url}, {db.backend_url}", flush=True)
     db.flush()
     try:
         measure(side, result)
@@ -469,49 +672,73 @@ def rows_for(results: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[s
     return header, rows
 
 
-def targets(results: dict[str, dict[str, Any]]) -> list[str]:
+def targets(results: dict[str, dict[str, Any]], setup: str) -> list[str]:
     c, y = results.get("celeriac", {}), results.get("celery", {})
     out = []
     if "e2e_s" in c and "e2e_s" in y:
         r = (c["n"] / c["e2e_s"]) / (y["n"] / y["e2e_s"])
         out.append(f"end-to-end throughput ≥ 10× Celery's: **{'met' if r >= 10 else 'not met'}**"
                    f" ({r:.2f}×)")
-    if "rt_p50_ms" in c:
+    if "rt_p50_ms" in c and setup == "redis":
         p50 = c["rt_p50_ms"]
         out.append(f"round-trip p50 ≤ 1 ms: **{'met' if p50 <= 1.0 else 'not met'}** "
                    f"({p50:.2f} ms)")
+    if "drain_large_s" in c and "drain_small_s" in c:
+        r = (c["drain_large"] / c["drain_large_s"]) / (c["drain_small"] / c["drain_small_s"])
+        out.append(f"{c['drain_large']:,} queued drain at no lower per-task rate than "
+                   f"{c['drain_small']:,}: **{'met' if r >= 0.95 else 'not met'}** ({r:.2f}×, "
+                   "within 5 % counts as met)")
     return out
 
 
-def redis_version(db: Database) -> str:
-    try:
-        return str(db.client.info("server")["redis_version"])
-    except redis.RedisError:
-        return "?"
+TITLES = {
+    "redis": "Redis broker and results",
+    "amqp-redis": "RabbitMQ broker, Redis results",
+    "amqp-file": "RabbitMQ broker, file results",
+}
 
 
-def section(args: argparse.Namespace, results: dict[str, dict[str, Any]],
-            db: Database, version: str) -> str:
+def setup_lines(store: Store) -> list[str]:
+    broker, backend = store.broker.url, store.backend_url
+    if store.setup == "redis":
+        return [
+            f"- celeriac: `Celery('benchtasks', broker='{broker}')` (results in the same "
+            "Redis database, the default), `celeriac -A benchtasks worker -c 2`.",
+            f"- Celery 5.7: `Celery('benchtasks', broker='{broker}', backend='{backend}')` "
+            "(kombu's Redis transport, Celery's Redis result backend), "
+            "`celery -A benchtasks worker -c 2 --pool prefork -l WARNING`.",
+        ]
+    if store.setup == "amqp-redis":
+        backend_text = f"backend='{backend}'"
+        kinds = "kombu's py-amqp transport, Celery's Redis result backend"
+    else:
+        backend_text = "backend='file:///<side's tmp>/results'"
+        kinds = "kombu's py-amqp transport, Celery's file system result backend"
+    return [
+        f"- celeriac: `Celery('benchtasks', broker='{broker}', {backend_text})`, "
+        "`celeriac -A benchtasks worker -c 2`; publisher confirms on (its default: "
+        "`delay()` returns once RabbitMQ has the message).",
+        f"- Celery 5.7: `Celery('benchtasks', broker='{broker}', {backend_text})` ({kinds}), "
+        "`celery -A benchtasks worker -c 2 --pool prefork -l WARNING`; publisher confirms "
+        "off (kombu's default, `confirm_publish=False`).",
+    ]
+
+
+def section(args: argparse.Namespace, results: dict[str, dict[str, Any]], store: Store,
+            versions: str) -> str:
     header, rows = rows_for(results)
-    url = db.url
     lines = [
-        "## Redis broker and results: throughput, round trip, drain",
+        f"## {TITLES[args.setup]}: throughput, round trip, drain",
         "",
-        f"- celeriac: `Celery('benchtasks', broker='{url}')` (results in the same Redis "
-        "database, the default), `celeriac -A benchtasks worker -c 2`.",
-        f"- Celery 5.7: `Celery('benchtasks', broker='{url}', backend='{url}')` "
-        "(kombu's Redis transport, Celery's Redis result backend), "
-        "`celery -A benchtasks worker -c 2 --pool prefork -l WARNING`: heartbeat, "
-        "mingle and gossip left on, as by default.",
-        "- Task: `@app.task def noop(): return None`; one producer process; default "
-        "settings on both sides; same N and sample counts on both sides.  The Redis "
-        f"database ({url}) is flushed before and after each side and between drain runs.",
+        *setup_lines(store),
+        "- Both workers keep their defaults otherwise (Celery: heartbeat, mingle and "
+        "gossip on).  Task: `@app.task def noop(): return None`; one producer process; "
+        "same N and sample counts on both sides.  Broker and result store are emptied "
+        "before and after each side and between drain runs.",
         "",
         f"Command: `{common.command_line()}`  ",
         f"Date: {common.today()}  ",
-        "Machine: " + common.machine_line(("celeriac", "celery", "kombu"))
-        + f", redis-py {common._version('redis')}, hiredis {common._version('hiredis')}, "
-        f"Redis server {version} (same machine, no persistence)",
+        "Machine: " + common.machine_line(("celeriac", "celery", "kombu")) + ", " + versions,
         "",
         common.markdown_table(header, rows),
         "",
@@ -521,23 +748,27 @@ def section(args: argparse.Namespace, results: dict[str, dict[str, Any]],
         "run and the lowest and highest.",
         "",
     ]
-    met = targets(results)
+    met = targets(results, args.setup)
     if met:
         lines += ["Targets for celeriac: " + "; ".join(met) + ".", ""]
     notes = [
         "(e) drain: the producer queues the tasks with `delay()` while no worker runs "
         "(a fresh worker is started for every drain run); the clock starts when the "
-        "queue list first gets shorter (the worker's start-up is not timed) and stops "
-        "when every result is SUCCESS (checked with MGET on the result keys; the queue "
-        "length is polled every 5 ms).  The small drain ran "
-        f"{args.drain_small_repeat} time(s) (median shown), the large one once, for "
+        "queue first gets shorter (the worker's start-up is not timed) and stops "
+        "when every result is SUCCESS (the queue length is polled every 5 ms).  The "
+        f"small drain ran {args.drain_small_repeat} time(s) (median shown), the large "
+        "one once, for "
         + (", ".join(s for s in SIDES if s in results and "drain_large" in results[s])
            or "neither side") + ".",
         "Enqueue rate (a) is measured with the worker running, so the producer competes "
-        "with it (and with the Redis server) for the two cores, as in real use.  Worker "
+        "with it (and with the servers) for the two cores, as in real use.  Worker "
         "RSS sums the main process and its children, so pages shared after fork count "
         "more than once (on both sides).",
     ]
+    if args.setup == "amqp-file" and "celery" in results:
+        notes.append("Celery's round trip with file results is set by `get()` polling "
+                     "the file every 0.5 s (its default `interval`); celeriac's `get()` is "
+                     "woken by a datagram when the result file is renamed into place.")
     if args.interference:
         notes.append(f"**Warning**: {args.interference}.")
     elif args.quiet_line:
@@ -568,12 +799,17 @@ def section(args: argparse.Namespace, results: dict[str, dict[str, Any]],
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--setup", choices=SETUPS, default="redis",
+                        help="broker and result store (default redis)")
     parser.add_argument("--redis", default="redis://127.0.0.1:6379",
                         help="the Redis server (no database number)")
     parser.add_argument("--db", type=int, default=13,
-                        help="the database to use (flushed before and after each side)")
+                        help="the Redis database to use (flushed before and after each side)")
     parser.add_argument("--force", action="store_true",
                         help="flush the database even if it holds keys at the start")
+    parser.add_argument("--amqp", default="127.0.0.1:5672", help="the RabbitMQ server")
+    parser.add_argument("--vhost", default="celeriac-bench",
+                        help="RabbitMQ virtual host made for the run and deleted after it")
     parser.add_argument("--n", type=int, default=5000, help="tasks for (a)/(b), both sides")
     parser.add_argument("--repeat", type=int, default=3,
                         help="runs of (a)/(b) per side; the table shows the median")
@@ -582,8 +818,9 @@ def main() -> int:
     parser.add_argument("--drain-small", type=int, default=1000,
                         help="tasks in the small drain test (0: no drain tests)")
     parser.add_argument("--drain-small-repeat", type=int, default=3)
-    parser.add_argument("--drain-large", type=int, default=100_000,
-                        help="tasks in the large drain test (0: none)")
+    parser.add_argument("--drain-large", type=int, default=None,
+                        help="tasks in the large drain test (0: none; default 100,000 "
+                        "with Redis as broker, 20,000 with RabbitMQ)")
     parser.add_argument("--drain-large-sides", default="celeriac,celery",
                         help="comma-separated sides that run the large drain")
     parser.add_argument("--drain-timeout", type=float, default=400.0,
@@ -591,6 +828,7 @@ def main() -> int:
     parser.add_argument("--only", choices=SIDES, help="run one side only")
     parser.add_argument("--write", action="store_true",
                         help="write the section of docs/BENCHMARKS.md")
+    parser.add_argument("--json", help="also write the results as JSON to this file")
     parser.add_argument("--keep", action="store_true", help="keep the temp directories")
     parser.add_argument("--client", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--fill", type=int, help=argparse.SUPPRESS)
@@ -605,30 +843,32 @@ def main() -> int:
         return 0
     args.drain_large_sides = [s.strip() for s in args.drain_large_sides.split(",")
                               if s.strip()]
+    if args.drain_large is None:
+        args.drain_large = 100_000 if args.setup == "redis" else 20_000
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    db = Database(args.redis, args.db)
-    db.check_empty(args.force)
-    version = redis_version(db)
+    store = Store(args)
+    store.open(args.force)
     results: dict[str, dict[str, Any]] = {}
-    watcher = Watcher(db)
+    watcher = Watcher(store)
     try:
+        versions = store.versions()
         for side in SIDES:
             if args.only and side != args.only:
                 continue
             started = time.monotonic()
-            results[side] = run_side(side, args, db)
+            results[side] = run_side(side, args, store)
             print(f"[{side}] done in {time.monotonic() - started:.0f} s", flush=True)
     finally:
         watcher.stop()
-        db.flush()
+        store.close()
     args.interference = watcher.summary()
     args.quiet_line = watcher.quiet_line()
 
     header, rows = rows_for(results)
     print()
     print(common.plain_table(header, rows))
-    for line in targets(results):
+    for line in targets(results, args.setup):
         print("target:", line.replace("**", ""))
     if args.interference:
         print("WARNING:", args.interference)
@@ -641,8 +881,11 @@ def main() -> int:
             print(f"\n{side}'s drain test failed: {r['drain_error']}")
         elif r.get("worker_problems"):
             print(f"\n{side}'s worker logged errors:\n" + "\n".join(r["worker_problems"][:10]))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"setup": args.setup, "results": results}, f)
     if args.write:
-        common.write_section("redis", section(args, results, db, version))
+        common.write_section(args.setup, section(args, results, store, versions))
     return 1 if any("error" in r or "drain_error" in r for r in results.values()) else 0
 
 
