@@ -6,6 +6,8 @@ Runs, one after the other (never at the same time: they share two cores):
     servers.py --setup redis    Redis broker and results
     servers.py --setup amqp-redis   RabbitMQ broker, Redis results
     servers.py --setup amqp-file    RabbitMQ broker, file results
+    servers.py --setup amqp-redis --no-confirm   the same, celeriac without publisher
+                                confirms (as Celery publishes by default); no drain
 
 each with ``--write`` when this script has it, so every section of docs/BENCHMARKS.md is
 rewritten from the same run, and then the ``summary`` section from their results.
@@ -35,12 +37,16 @@ RUNS = [
     ("redis", ["servers.py", "--setup", "redis"]),
     ("amqp-redis", ["servers.py", "--setup", "amqp-redis"]),
     ("amqp-file", ["servers.py", "--setup", "amqp-file"]),
+    ("amqp-redis-noconfirm", ["servers.py", "--setup", "amqp-redis", "--no-confirm",
+                              "--drain-small", "0"]),
 ]
 TITLES = {
     "embedded": "embedded (celeriac SQLite; Celery sqla+sqlite / db+sqlite)",
     "redis": "Redis broker + Redis results",
     "amqp-redis": "RabbitMQ broker + Redis results",
     "amqp-file": "RabbitMQ broker + file results",
+    "amqp-redis-noconfirm": "RabbitMQ broker + Redis results, celeriac without publisher "
+                            "confirms (Celery's default)",
 }
 
 

@@ -23,7 +23,7 @@ import os
 import socket
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -93,6 +93,13 @@ class Backend(ABC):
     @abstractmethod
     def record(self, records: Sequence[Record]) -> list[bool]:
         """Apply writes in order; for each, whether its state (or history entry) was written."""
+
+    def record_begin(self, records: Sequence[Record]) -> Callable[[], None]:
+        """Start writing ``records`` and return a function that waits for the write to
+        end, so a producer can publish meanwhile.  By default the write is done here and
+        the function has nothing left to do."""
+        self.record(records)
+        return _nothing
 
     async def record_async(self, records: Sequence[Record], io: Executor) -> list[bool]:
         """:meth:`record` from a worker's event loop; by default on its ``io`` thread."""
@@ -187,3 +194,7 @@ class Backend(ABC):
                 raise TimeoutError("The operation timed out.")
             self._wait_for_change(task_id, remaining, attempt)
             attempt += 1
+
+
+def _nothing() -> None:
+    pass

@@ -16,10 +16,11 @@ where Lua cannot read the status, an optimistic WATCH/MULTI transaction does the
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from typing import TYPE_CHECKING, Any
 
@@ -62,6 +63,9 @@ redis.call('RPUSH', KEYS[2], ARGV[2])
 if ttl > 0 then redis.call('EXPIRE', KEYS[2], ttl) end
 return 1
 """
+
+
+log = logging.getLogger("celeriac.backend")
 
 
 def meta_key(task_id: str) -> str:
@@ -111,6 +115,43 @@ class RedisBackend(Backend):
         """Whether writes go through the Lua script (JSON metas), so they can be queued
         on any pipeline (the broker's, to write results and acks in one round trip)."""
         return self._lua_reads_meta
+
+    def record_begin(self, records: Sequence[Record]) -> Callable[[], None]:
+        """History-only records (``delay()``'s "sent" entry): send the commands, let the
+        caller publish the message, then read the replies, so the two round trips
+        overlap.  The commands reach Redis before the message is published, so the entry
+        is there before any worker can take the task.  When Redis cannot be written the
+        write is done the ordinary way (retried, raising before anything is published);
+        a reply that fails after the message went out is logged, not raised: the task is
+        queued, only its "sent" entry is missing."""
+        if any(r.state is not None for r in records):
+            return super().record_begin(records)
+        commands: list[tuple[Any, ...]] = []
+        for r in records:
+            commands.append(("RPUSH", history_key(r.task_id), _entry_json(r)))
+            if self.ttl:
+                commands.append(("EXPIRE", history_key(r.task_id), self.ttl))
+        pool = self.client.connection_pool
+        conn = pool.get_connection()
+        try:
+            conn.send_packed_command(conn.pack_commands(commands))
+        except (redis.RedisError, OSError):
+            conn.disconnect()
+            pool.release(conn)
+            return super().record_begin(records)
+
+        def finish() -> None:
+            try:
+                for _ in commands:
+                    conn.read_response()
+            except (redis.RedisError, OSError) as exc:
+                conn.disconnect()
+                log.warning("the sent history entry of task %s was not stored: %r",
+                            records[0].task_id, exc)
+            finally:
+                pool.release(conn)
+
+        return finish
 
     async def record_async(self, records: Sequence[Record], io: Executor) -> list[bool]:
         """One pipelined round trip on an asyncio client of the worker's loop (JSON

@@ -112,8 +112,11 @@ class Broker(ABC):
 
         A broker that shares a store with the backend may do both in one transaction.
         """
-        backend.record(records)
-        self.publish(message)
+        finish = backend.record_begin(records)  # the write travels while we publish
+        try:
+            self.publish(message)
+        finally:
+            finish()
 
     def ping(self, timeout: float) -> None:  # noqa: B027 - a local store is always there
         """Connect once and let go; raises when the broker cannot be reached."""
