@@ -44,6 +44,7 @@ DEFAULTS: dict[str, Any] = {
     "broker_connection_max_retries": 100,
     "broker_connection_timeout": 4.0,
     "result_persistent": None,
+    "result_backend_transport_options": {},  # Redis results: global_keyprefix
     "task_acks_late": False,
     "task_always_eager": False,
     "task_eager_propagates": False,

@@ -92,7 +92,20 @@ class Retry(CeleriacError):  # noqa: N818 - Celery's name
         self.message = message
         self.exc = exc
         self.when = when
+        self.plan: Any = None  # set by Task.retry: what the worker sends again
         super().__init__(message, exc, when)
+
+    def humanize(self) -> str:
+        if isinstance(self.when, int | float):
+            return f"in {self.when}s"
+        return f"at {self.when}"
+
+    def __str__(self) -> str:
+        if self.message:
+            return self.message
+        if self.exc is not None:
+            return f"Retry {self.humanize()}: {self.exc!r}"
+        return f"Retry {self.humanize()}"
 
 
 #: Celery's module name for the classes above, as written into stored results.

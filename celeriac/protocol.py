@@ -16,7 +16,7 @@ import socket
 import sys
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from . import serialization
@@ -160,6 +160,43 @@ def build_task_message(
     }
     if expires is not None:
         remaining = (expires - datetime.now(expires.tzinfo)).total_seconds()
+        properties["expiration"] = str(max(0, int(remaining * 1000)))
+    return Message(headers, body, content_type, encoding, properties, queue=queue)
+
+
+def retry_message(call: TaskCall, *, retries: int, eta: datetime | None,
+                  args: list[Any] | tuple[Any, ...] | None = None,
+                  kwargs: dict[str, Any] | None = None, queue: str | None = None,
+                  priority: int | None = None) -> Message:
+    """The message that runs ``call`` again: the same id and headers (so the same root,
+    parent, group, limits and expiry), ``retries`` and ``eta`` set, new arguments if
+    given, to the queue it came from unless told otherwise."""
+    old = call.message
+    headers = dict(call.headers)
+    headers.update(retries=retries, eta=eta.isoformat() if eta else None,
+                   origin=origin_name())
+    body, content_type, encoding = old.body, old.content_type, old.content_encoding
+    if args is not None or kwargs is not None:
+        new_args = list(call.args if args is None else args)
+        new_kwargs = dict(call.kwargs if kwargs is None else kwargs)
+        serializer = serialization.get_serializer(content_type).name
+        try:
+            content_type, encoding, body = serialization.dumps(
+                [new_args, new_kwargs, call.embed], serializer)
+        except EncodeError:
+            raise _name_unserializable(call.name, new_args, new_kwargs, serializer) from None
+        headers.update(argsrepr=saferepr(tuple(new_args)), kwargsrepr=saferepr(new_kwargs))
+    queue = queue or old.queue
+    properties = {k: v for k, v in old.properties.items()
+                  if k not in ("delivery_info", "delivery_tag", "body_encoding", "expiration")}
+    properties["delivery_info"] = {"exchange": "", "routing_key": queue}
+    if priority is not None:
+        properties["priority"] = priority
+    expires = headers.get("expires")
+    if expires:
+        when = datetime.fromisoformat(expires)
+        when = when if when.tzinfo else when.replace(tzinfo=UTC)
+        remaining = (when - datetime.now(UTC)).total_seconds()
         properties["expiration"] = str(max(0, int(remaining * 1000)))
     return Message(headers, body, content_type, encoding, properties, queue=queue)
 

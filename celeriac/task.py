@@ -5,16 +5,18 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import inspect
+import random
 import time
 import traceback as tb
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
 from . import states
 from .backends.base import history_entry
+from .exceptions import Ignore, MaxRetriesExceededError, Reject, Retry
 from .protocol import RequestInfo, build_task_message, new_id, origin_name
 from .result import AsyncResult, EagerResult
 
@@ -71,6 +73,18 @@ def current_request() -> Request | None:
 
 
 @dataclass
+class RetryPlan:
+    """What ``Task.retry`` asked for, carried to the worker on the :class:`Retry`."""
+
+    retries: int
+    eta: datetime | None
+    args: tuple[Any, ...] | list[Any] | None = None
+    kwargs: dict[str, Any] | None = None
+    queue: str | None = None
+    priority: int | None = None
+
+
+@dataclass
 class Outcome:
     state: str
     value: Any
@@ -81,9 +95,7 @@ class Outcome:
 #: Celery task options that are accepted (and carried in messages where Celery puts them)
 #: but not acted on by celeriac yet; setting one warns.
 NOT_IMPLEMENTED_OPTIONS = frozenset({
-    "time_limit", "soft_time_limit", "max_retries", "default_retry_delay", "rate_limit",
-    "autoretry_for", "dont_autoretry_for", "retry_kwargs", "retry_backoff",
-    "retry_backoff_max", "retry_jitter", "throws", "store_errors_even_if_ignored",
+    "time_limit", "soft_time_limit", "rate_limit", "throws", "store_errors_even_if_ignored",
     "reject_on_worker_lost", "send_events", "expires", "trail", "base", "shared",
     "pydantic", "lazy",
 })
@@ -100,6 +112,15 @@ class Task(Generic[P, R]):
     queue: str | None = None
     priority: int | None = None
     typing: bool = True
+    # Retries, with Celery's defaults.
+    max_retries: int | None = 3
+    default_retry_delay: float = 180
+    autoretry_for: tuple[type[BaseException], ...] = ()
+    dont_autoretry_for: tuple[type[BaseException], ...] = ()
+    retry_kwargs: dict[str, Any] | None = None
+    retry_backoff: bool | float = False
+    retry_backoff_max: float = 600
+    retry_jitter: bool = True
 
     def __init__(self, app: Celeriac, fun: Callable[..., Any], name: str, bind: bool = False,
                  **options: Any) -> None:
@@ -198,9 +219,20 @@ class Task(Generic[P, R]):
             root_id=task_id, is_eager=True, called_directly=False, hostname=origin_name(),
             state_sink=sink,
         )
+        from .protocol import exception_to_dict, result_meta
+
         history.append(history_entry(states.STARTED))
         outcome = execute_sync(self, request)
-        from .protocol import exception_to_dict, result_meta
+        while outcome.state == states.RETRY:  # eager: the next attempt runs at once
+            retry, plan = outcome.value, outcome.value.plan
+            shown = retry.exc if retry.exc is not None else Retry(str(retry))
+            history.append(history_entry(states.RETRY, exception_to_dict(shown)))
+            request = replace(
+                request, retries=plan.retries,
+                args=list(request.args if plan.args is None else plan.args),
+                kwargs=dict(request.kwargs if plan.kwargs is None else plan.kwargs))
+            history.append(history_entry(states.STARTED))
+            outcome = execute_sync(self, request)
 
         value = outcome.value
         stored = exception_to_dict(value) if isinstance(value, BaseException) else value
@@ -213,6 +245,54 @@ class Task(Generic[P, R]):
         return EagerResult(task_id, meta, history, app=self.app)
 
     # ------------------------------------------------------------------ inside a task
+
+    def retry(self, args: tuple[Any, ...] | list[Any] | None = None,
+              kwargs: dict[str, Any] | None = None, exc: BaseException | None = None,
+              throw: bool = True, eta: datetime | None = None, countdown: float | None = None,
+              max_retries: int | None = None, **options: Any) -> Retry:
+        """Run this task again later, with the same id: Celery's ``Task.retry``.
+
+        ``request.retries`` is one more in the next attempt; once it would pass
+        ``max_retries`` (the task's, 3 by default; None: no limit) ``exc`` is raised, or
+        :class:`MaxRetriesExceededError` when there is none.  Without ``eta`` or
+        ``countdown`` the next attempt waits ``default_retry_delay`` (180 s).  The worker
+        stores RETRY with ``exc`` and then queues the next attempt.  Raises the
+        :class:`Retry` it returns unless ``throw=False``.
+        """
+        request = self.request
+        if request.called_directly:
+            # not run by a worker: there is nothing to send again
+            raise exc if exc is not None else Retry("Task can be retried", None)
+        retries = request.retries + 1
+        limit = self.max_retries if max_retries is None else max_retries
+        if limit is not None and retries > limit:
+            if exc is not None:
+                raise exc
+            raise MaxRetriesExceededError(
+                f"Can't retry {self.name}[{request.id}] args:{request.args} "
+                f"kwargs:{request.kwargs}")
+        if eta is None and countdown is None:
+            countdown = self.default_retry_delay
+        when = eta_from(countdown, eta, self.app.now())
+        ret = Retry(exc=exc, when=when)
+        ret.plan = RetryPlan(retries, when, args, kwargs, options.get("queue"),
+                             options.get("priority"))
+        if throw:
+            raise ret
+        return ret
+
+    def _autoretry(self, exc: Exception) -> None:
+        """``autoretry_for``: turn ``exc`` into a retry (raises), unless it is excluded."""
+        if not isinstance(exc, self.autoretry_for) or isinstance(exc, self.dont_autoretry_for):
+            return
+        if isinstance(exc, Retry | Ignore | Reject):
+            return
+        options = dict(self.retry_kwargs or {})
+        if self.retry_backoff:
+            options["countdown"] = backoff_interval(
+                int(self.retry_backoff), self.request.retries, self.retry_backoff_max,
+                self.retry_jitter)
+        self.retry(exc=exc, **options)
 
     def update_state(self, task_id: str | None = None, state: str | None = None,
                      meta: Any = None, **_: Any) -> None:
@@ -245,17 +325,37 @@ def _failure(exc: BaseException, started: float) -> Outcome:
     return Outcome(states.FAILURE, exc, text, time.perf_counter() - started)
 
 
+def _ended(exc: BaseException, started: float) -> Outcome:
+    """The outcome of a task that raised: RETRY, IGNORED and REJECTED for Celery's
+    control exceptions, FAILURE for anything else (SystemExit and KeyboardInterrupt
+    too)."""
+    if isinstance(exc, Retry) and exc.plan is not None:
+        outcome = _failure(exc, started)
+        outcome.state = states.RETRY
+        return outcome
+    if isinstance(exc, Ignore):
+        return Outcome(states.IGNORED, exc, None, time.perf_counter() - started)
+    if isinstance(exc, Reject):
+        return Outcome(states.REJECTED, exc, None, time.perf_counter() - started)
+    return _failure(exc, started)
+
+
 def execute_sync(task: Task[Any, Any], request: Request) -> Outcome:
     """Run a task (sync or async) in this thread with ``request`` as its context."""
     token = _current.set(request)
     started = time.perf_counter()
     try:
-        value = task.run(*_bound_args(task, request), **request.kwargs)
-        if inspect.isawaitable(value):
-            value = asyncio.run(_await(value))
+        try:
+            value = task.run(*_bound_args(task, request), **request.kwargs)
+            if inspect.isawaitable(value):
+                value = asyncio.run(_await(value))
+        except Exception as exc:
+            if task.autoretry_for:
+                task._autoretry(exc)
+            raise
         return Outcome(states.SUCCESS, value, None, time.perf_counter() - started)
-    except BaseException as exc:  # SystemExit, KeyboardInterrupt too: the task failed
-        return _failure(exc, started)
+    except BaseException as exc:
+        return _ended(exc, started)
     finally:
         _current.reset(token)
 
@@ -268,12 +368,26 @@ async def execute_async(task: Task[Any, Any], request: Request) -> Outcome:
     """Run an ``async def`` task on the running loop (the caller set the context)."""
     started = time.perf_counter()
     try:
-        value = await task.run(*_bound_args(task, request), **request.kwargs)
+        try:
+            value = await task.run(*_bound_args(task, request), **request.kwargs)
+        except Exception as exc:
+            if task.autoretry_for:
+                task._autoretry(exc)
+            raise
         return Outcome(states.SUCCESS, value, None, time.perf_counter() - started)
     except asyncio.CancelledError:
         raise
-    except BaseException as exc:  # SystemExit, KeyboardInterrupt too: the task failed
-        return _failure(exc, started)
+    except BaseException as exc:
+        return _ended(exc, started)
+
+
+def backoff_interval(factor: int, retries: int, maximum: float, jitter: bool) -> int:
+    """Celery's exponential backoff: ``factor * 2**retries`` seconds, at most
+    ``maximum``, with full jitter a whole number of seconds from 0 to that."""
+    countdown = int(min(maximum, factor * (2 ** retries)))
+    if jitter:
+        countdown = random.randrange(countdown + 1)
+    return max(0, countdown)
 
 
 def eta_from(countdown: float | None, eta: datetime | None, now: datetime) -> datetime | None:

@@ -236,3 +236,22 @@ def test_worker_survives_a_lost_connection(project, env, workers, redis_url):
     assert killed >= 3  # the worker's, and this process's producer and result connections
     rs += [tasks.add.delay(i, 0) for i in range(20, 40)]
     assert [r.get(timeout=30) for r in rs] == list(range(40))
+
+
+def test_global_keyprefix_is_shared_with_celery(redis_url):
+    """result_backend_transport_options={'global_keyprefix': ...}: keys and the channel
+    get the prefix, as in Celery, and each side reads what the other stored."""
+    import celeriac
+
+    options = {"global_keyprefix": "pfx_"}
+    ours = celeriac.Celery(broker=redis_url, backend=redis_url,
+                           result_backend_transport_options=options)
+    theirs = celery.Celery(broker=redis_url, backend=redis_url)
+    theirs.conf.result_backend_transport_options = options
+    client = redis.Redis.from_url(redis_url)
+    ours.backend.store("prefixed-1", states.SUCCESS, {"n": 1})
+    assert client.exists("pfx_celery-task-meta-prefixed-1")
+    assert not client.exists("celery-task-meta-prefixed-1")
+    assert theirs.AsyncResult("prefixed-1").get(timeout=5) == {"n": 1}
+    theirs.backend.store_result("prefixed-2", [2], states.SUCCESS)
+    assert ours.AsyncResult("prefixed-2").get(timeout=5) == [2]

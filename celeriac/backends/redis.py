@@ -88,6 +88,15 @@ class RedisBackend(Backend):
         self._lua_reads_meta = self.serializer == "json"
         self._aclient: Any = None
         self._aclient_pid = 0
+        options = app.conf.get("result_backend_transport_options") or {}
+        #: Celery's ``global_keyprefix`` transport option: put before every key and channel
+        self.prefix = str(options.get("global_keyprefix") or "")
+
+    def _meta_key(self, task_id: str) -> str:
+        return self.prefix + meta_key(task_id)
+
+    def _history_key(self, task_id: str) -> str:
+        return self.prefix + history_key(task_id)
 
     @property
     def client(self) -> redis.Redis:
@@ -98,7 +107,7 @@ class RedisBackend(Backend):
         return self._client
 
     def _get(self, task_id: str) -> bytes | None:
-        value = self.client.get(meta_key(task_id))
+        value = self.client.get(self._meta_key(task_id))
         return None if value is None else _bytes(value)
 
     def record(self, records: Sequence[Record]) -> list[bool]:
@@ -128,9 +137,9 @@ class RedisBackend(Backend):
             return super().record_begin(records)
         commands: list[tuple[Any, ...]] = []
         for r in records:
-            commands.append(("RPUSH", history_key(r.task_id), _entry_json(r)))
+            commands.append(("RPUSH", self._history_key(r.task_id), _entry_json(r)))
             if self.ttl:
-                commands.append(("EXPIRE", history_key(r.task_id), self.ttl))
+                commands.append(("EXPIRE", self._history_key(r.task_id), self.ttl))
         pool = self.client.connection_pool
         conn = pool.get_connection()
         try:
@@ -180,9 +189,9 @@ class RedisBackend(Backend):
     def queue_history(self, pipe: Any, records: Sequence[Record]) -> None:
         """Queue history-only records (the "sent" entry) on ``pipe``."""
         for r in records:
-            pipe.rpush(history_key(r.task_id), _entry_json(r))
+            pipe.rpush(self._history_key(r.task_id), _entry_json(r))
             if self.ttl:
-                pipe.expire(history_key(r.task_id), self.ttl)
+                pipe.expire(self._history_key(r.task_id), self.ttl)
 
     def queue_records(self, pipe: Any, records: Sequence[Record]) -> None:
         """Queue the commands of :meth:`record` on ``pipe`` (sync or asyncio)."""
@@ -192,7 +201,7 @@ class RedisBackend(Backend):
             if r.state is None:
                 self.queue_history(pipe, [r])
             else:
-                pipe.evalsha(self._sha, 2, meta_key(r.task_id), history_key(r.task_id),
+                pipe.evalsha(self._sha, 2, self._meta_key(r.task_id), self._history_key(r.task_id),
                              r.payload, _entry_json(r), self.ttl)
 
     def _record_scripted(self, records: Sequence[Record]) -> list[bool]:
@@ -216,7 +225,7 @@ class RedisBackend(Backend):
 
     def _record_watched(self, r: Record) -> bool:
         """The transition rule with WATCH/MULTI, for metas Lua cannot decode (pickle)."""
-        mkey, hkey = meta_key(r.task_id), history_key(r.task_id)
+        mkey, hkey = self._meta_key(r.task_id), self._history_key(r.task_id)
         with self.client.pipeline(transaction=True) as pipe:
             while True:
                 try:
@@ -243,14 +252,14 @@ class RedisBackend(Backend):
                     continue
 
     def history(self, task_id: str) -> list[dict[str, Any]]:
-        return [json.loads(x) for x in self.client.lrange(history_key(task_id), 0, -1)]
+        return [json.loads(x) for x in self.client.lrange(self._history_key(task_id), 0, -1)]
 
     def forget(self, task_id: str) -> None:
         check_task_id(task_id)
-        self.client.delete(meta_key(task_id), history_key(task_id))
+        self.client.delete(self._meta_key(task_id), self._history_key(task_id))
 
     def exists(self, task_id: str) -> bool:
-        return bool(self.client.exists(meta_key(task_id), history_key(task_id)))
+        return bool(self.client.exists(self._meta_key(task_id), self._history_key(task_id)))
 
     def wait(self, task_id: str, timeout: float | None = None) -> dict[str, Any]:
         """Subscribe to the key's channel, read the key once, then take the metas the
@@ -258,7 +267,7 @@ class RedisBackend(Backend):
         lost subscription)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         pubsub = self._pubsub()
-        channel = meta_key(task_id)
+        channel = self._meta_key(task_id)
         pubsub.subscribe(channel)
         try:
             meta = self.get_meta(task_id)

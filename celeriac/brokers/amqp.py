@@ -22,8 +22,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import threading
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from typing import Any
@@ -39,6 +41,12 @@ from .base import Broker, Consumer
 log = logging.getLogger("celeriac.broker")
 
 DEAD_LETTERS = "celeriac.dead_letters"
+#: Delay levels: queue ``celeriac.delay.<n>`` keeps a message 2**n seconds (up to 2**27 s,
+#: about four years), then dead-letters it back to the queue it was meant for.
+DELAY_LEVELS = 28
+_DEATH_HEADERS = ("x-death", "x-first-death-exchange", "x-first-death-queue",
+                  "x-first-death-reason", "x-last-death-exchange", "x-last-death-queue",
+                  "x-last-death-reason")
 
 
 def _parse(url: str) -> dict[str, Any]:
@@ -203,6 +211,7 @@ class AMQPConsumer(Consumer):
         self._raw: Any = None  # the channel's aiormq channel, for acks
         #: delivery tags of the current channel not acked or rejected yet
         self._unsettled: set[int] = set()
+        self._delays: dict[int, aio_pika.abc.AbstractExchange] = {}  # declared delay levels
 
     @property
     def _connected(self) -> bool:
@@ -226,6 +235,7 @@ class AMQPConsumer(Consumer):
         self._channel = channel
         self._raw = await channel.get_underlay_channel()
         self._unsettled = set()
+        self._delays = {}
         await channel.declare_queue(DEAD_LETTERS, durable=True)
         for q in self.queues:
             spec = self.broker.queue_spec(q)
@@ -251,6 +261,49 @@ class AMQPConsumer(Consumer):
             self._inbox.put_nowait(_from_aio(incoming, name))
 
         return receive
+
+    async def park(self, message: Message, due: float) -> bool:
+        """Send a message whose ETA is far off through a delay queue.
+
+        RabbitMQ has no delayed delivery of its own (without a plugin), so celeriac
+        uses fixed-TTL queues: ``celeriac.delay.<n>`` holds every message 2**n seconds,
+        the largest such time not past the ETA, then dead-letters it to the default
+        exchange with its routing key, the queue it came from.  A worker that gets it
+        back parks it again for what remains (one hop per binary digit of the delay,
+        about a dozen for an hour) and, within a second of its ETA, waits for it.  One
+        TTL per queue keeps each queue first-in first-out, so nothing waits behind a
+        later message.  The copy is published with a confirm before this delivery is
+        acked: nothing is lost, nothing waits in the worker's memory, and a Celery
+        worker sharing the queue sees an ordinary message with an ``eta`` header."""
+        incoming = message.tag
+        channel = self._channel
+        if channel is None or incoming is None or incoming.channel is not self._raw:
+            return False
+        remaining = max(due - time.time(), 1.0)
+        level = min(int(math.log2(remaining)), DELAY_LEVELS - 1)
+        exchange = await self._delay_exchange(level)
+        headers = {k: v for k, v in (incoming.headers or {}).items()
+                   if k not in _DEATH_HEADERS}
+        await exchange.publish(aio_pika.Message(
+            incoming.body, headers=headers, content_type=incoming.content_type,
+            content_encoding=incoming.content_encoding, delivery_mode=2,
+            priority=incoming.priority, correlation_id=incoming.correlation_id,
+            reply_to=incoming.reply_to), routing_key=message.queue)
+        await self.ack([message])
+        return True
+
+    async def _delay_exchange(self, level: int) -> aio_pika.abc.AbstractExchange:
+        exchange = self._delays.get(level)
+        if exchange is None:
+            assert self._channel is not None
+            name = f"celeriac.delay.{level}"
+            exchange = await self._channel.declare_exchange(
+                name, aio_pika.ExchangeType.FANOUT, durable=True)
+            queue = await self._channel.declare_queue(name, durable=True, arguments={
+                "x-message-ttl": 1000 * 2 ** level, "x-dead-letter-exchange": ""})
+            await queue.bind(exchange)
+            self._delays[level] = exchange
+        return exchange
 
     async def pause(self) -> None:
         """Stop deliveries and hand what was pushed but not taken back to RabbitMQ,

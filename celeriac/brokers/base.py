@@ -52,6 +52,12 @@ class Consumer(ABC):
     async def close(self) -> None:
         """Stop consuming; messages not acked become available to others again."""
 
+    async def park(self, message: Message, due: float) -> bool:
+        """Keep a message whose ETA is far off in the broker's own storage until ``due``
+        (epoch seconds), settling this delivery; False when the broker cannot, and the
+        worker then waits for the ETA itself."""
+        return False
+
     async def pause(self) -> None:  # noqa: B027 - optional hook
         """The worker process cannot start more tasks for a while: a broker that pushes
         messages should stop and give back what it pushed and was not taken."""

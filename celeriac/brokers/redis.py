@@ -47,6 +47,8 @@ DEAD_LETTERS = "celeriac.dead_letters"
 DEFAULT_VISIBILITY_TIMEOUT = 3600.0
 #: How often a consumer puts back the messages of consumers that died (seconds).
 RESTORE_EVERY = 60.0
+#: How often a consumer looks for parked (ETA) messages that are due, at least (seconds).
+RECHECK_PARKED = 1.0
 
 # Pop up to ARGV[1] messages from KEYS[1..n-2] in order and enter each in the unacked
 # hash and index (KEYS[n-1], KEYS[n]) in the same atomic step.  A message that is not
@@ -85,6 +87,32 @@ for i = 1, nq do
 end
 return out
 """
+
+
+# Move delayed messages that are due back to their lists.  KEYS: pairs of (delayed zset,
+# list).  ARGV: now, most to move.  Returns how many moved and the next due time ('' if
+# none).  RPUSH: consumers pop from the right, so a due message is the next one taken.
+_MOVE_DUE = """
+local moved, nextdue = 0, nil
+for i = 1, #KEYS, 2 do
+  local due = redis.call('ZRANGEBYSCORE', KEYS[i], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+  for _, m in ipairs(due) do
+    redis.call('ZREM', KEYS[i], m)
+    redis.call('RPUSH', KEYS[i + 1], m)
+    moved = moved + 1
+  end
+  local first = redis.call('ZRANGE', KEYS[i], 0, 0, 'WITHSCORES')
+  if first[2] and (nextdue == nil or tonumber(first[2]) < nextdue) then
+    nextdue = tonumber(first[2])
+  end
+end
+return {moved, nextdue and tostring(nextdue) or ''}
+"""
+
+
+def delayed_key(list_key: str) -> str:
+    """The sorted set of messages parked until their ETA, for one queue list."""
+    return f"celeriac.delayed{SEP}{list_key}"
 
 
 def sync_client(url: str) -> redis.Redis:
@@ -204,6 +232,8 @@ class RedisConsumer(Consumer):
         self._take_script: Any = None
         self._held: dict[str, Message] = {}
         self._background: list[asyncio.Task[None]] = []
+        self._move_script: Any = None
+        self._next_due = 0.0  # when to look for parked messages that are due next
 
     async def _connect(self) -> aioredis.Redis:
         if self._client is None:
@@ -213,6 +243,7 @@ class RedisConsumer(Consumer):
                     pipe.sadd(f"_kombu.binding.{q}", SEP.join([q, "", q]))
                 await pipe.execute()
             self._take_script = client.register_script(_TAKE)
+            self._move_script = client.register_script(_MOVE_DUE)
             self._client = client
             loop = asyncio.get_running_loop()
             self._background = [loop.create_task(self._renew_forever()),
@@ -221,15 +252,49 @@ class RedisConsumer(Consumer):
 
     async def get(self, limit: int, timeout: float) -> list[Message]:
         client = await self._connect()
+        if time.time() >= self._next_due:
+            await self._move_due()
         messages = await self._take(limit)
         if messages:
             return messages
+        timeout = min(timeout, self._next_due - time.time())
         got = await client.brpop(self.keys, timeout=max(timeout, 0.01))
         if not got:
             return []
         key, raw = got
         # start on it at once; the next get() takes whatever else is waiting
         return [await self._enter(_text(key), raw if isinstance(raw, bytes) else raw.encode())]
+
+    async def _move_due(self) -> None:
+        """Parked messages that are due go back to the front of their lists.  Every
+        consumer looks at least every RECHECK_PARKED seconds, and at the earliest due
+        time it knows of."""
+        keys = [k for list_key in self.keys for k in (delayed_key(list_key), list_key)]
+        moved, nextdue = await self._move_script(keys=keys, args=[time.time(), 1000])
+        now = time.time()
+        if int(moved) >= 1000:
+            self._next_due = now  # more are due: move the next batch on the next get()
+        else:
+            due = float(nextdue) if nextdue else now + RECHECK_PARKED
+            self._next_due = min(due, now + RECHECK_PARKED)
+
+    async def park(self, message: Message, due: float) -> bool:
+        """Move the message from the unacked bookkeeping into its list's sorted set of
+        delayed messages, scored by ``due``, in one transaction: it is then neither
+        held by this worker (no visibility timeout can hand it out again, kombu#337)
+        nor kept in its memory."""
+        tag = message.tag
+        if not tag or message.raw is None or self._client is None:
+            return False
+        key = queue_key(message.queue, message.properties.get("priority"))
+        async with self._client.pipeline(transaction=True) as pipe:
+            pipe.zadd(delayed_key(key), {message.raw: due})
+            pipe.zrem(UNACKED_INDEX, tag)
+            pipe.hdel(UNACKED, tag)
+            await pipe.execute()
+        self._held.pop(tag, None)
+        self._next_due = min(self._next_due, due)
+        return True
 
     async def _take(self, limit: int) -> list[Message]:
         out = await self._take_script(keys=[*self.keys, UNACKED_INDEX, UNACKED],

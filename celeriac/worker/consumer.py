@@ -29,10 +29,19 @@ from ..exceptions import (
     DecodeError,
     EncodeError,
     NotRegistered,
+    Reject,
+    Retry,
     TaskRevokedError,
     UnsafeTaskId,
 )
-from ..protocol import Message, TaskCall, parse_task_message, saferepr, task_id_of
+from ..protocol import (
+    Message,
+    TaskCall,
+    parse_task_message,
+    retry_message,
+    saferepr,
+    task_id_of,
+)
 from ..serialization import accepted_content_types
 from ..task import Outcome, Request, Task, _current, execute_async, execute_sync
 
@@ -41,6 +50,9 @@ if TYPE_CHECKING:
     from ..brokers.base import Consumer
 
 log = logging.getLogger("celeriac.worker")
+#: An ETA further off than this (seconds) is kept in the broker until it is due, where
+#: the broker can; nearer ones are waited for in the worker.
+PARK_AFTER = 1.0
 
 #: A ``def`` task that cannot start within this many seconds (the process's task thread
 #: is busy) is handed back to the queue for another process, and this process stops
@@ -335,7 +347,13 @@ class WorkerProcess:
                 states.REVOKED, TaskRevokedError("expired"), None, 0.0), ignore=ignore)
             log.info("Task %s[%s] expired: revoked", call.name, call.id)
             return
-        await self._wait_for_eta(call)
+        delay = self._eta_delay(call)
+        if delay > PARK_AFTER and await self.consumer.park(message, time.time() + delay):
+            log.info("Task %s[%s] is due in %.1fs: kept in the broker until then", call.name,
+                     call.id, delay)
+            return
+        if delay > 0:
+            await asyncio.sleep(delay)
 
         acks_late = bool(task._option("acks_late"))
         if task.is_async:
@@ -356,9 +374,70 @@ class WorkerProcess:
                 self._sync_slot.release()
                 await self._unpause()
                 self._slot_free.set()
-        await self._finish(task, call, request, outcome, ignore=ignore)
+        if outcome.state == states.RETRY:
+            await self._retry(task, call, request, outcome, ignore=ignore)
+        elif outcome.state == states.REJECTED:
+            await self._rejected(message, task, call, request, outcome, acks_late, ignore)
+            return
+        elif outcome.state == states.IGNORED:
+            log.info("Task %s[%s] ignored", call.name, call.id)
+        else:
+            await self._finish(task, call, request, outcome, ignore=ignore)
         if acks_late:
             self.writer.ack(message)
+
+    async def _retry(self, task: Task[Any, Any], call: TaskCall, request: Request,
+                     outcome: Outcome, ignore: bool) -> None:
+        """``Task.retry``: store RETRY (with the exception it was given), and once that
+        is written, queue the next attempt, same id, ``retries`` one more.  If it cannot
+        be queued the task fails with the reason."""
+        retry: Retry = outcome.value
+        plan = retry.plan
+        shown = retry.exc if retry.exc is not None else Retry(str(retry))
+        log.info("Task %s[%s] retry: %s", call.name, call.id, retry)
+        if not ignore:
+            entry = {**_exc_meta(shown), "retries": plan.retries,
+                     "eta": plan.eta.isoformat() if plan.eta else None}
+            self.writer.record(self.app.backend.prepare_record(
+                call.id, states.RETRY, shown, traceback=outcome.traceback,
+                request=request.info(), hostname=self.hostname, entry_meta=entry))
+            with contextlib.suppress(Exception):  # a refused write was logged already
+                await self.writer.written()
+        try:
+            message = retry_message(call, retries=plan.retries, eta=plan.eta, args=plan.args,
+                                    kwargs=plan.kwargs, queue=plan.queue,
+                                    priority=plan.priority)
+            await self.loop.run_in_executor(self.io, self.app.broker.publish, message)
+        except Exception as exc:
+            log.error("Task %s[%s] could not be queued again for its retry: %r", call.name,
+                      call.id, exc)
+            await self._finish(task, call, request, Outcome(
+                states.FAILURE, exc, None, outcome.runtime), ignore=ignore)
+
+    async def _rejected(self, message: Message, task: Task[Any, Any], call: TaskCall,
+                        request: Request, outcome: Outcome, acks_late: bool,
+                        ignore: bool) -> None:
+        """``raise Reject(reason, requeue=...)``.  With ``acks_late`` and ``requeue`` the
+        message goes back on its queue and nothing is stored; otherwise the task is
+        FAILURE with the Reject (as Celery 5.7 stores it), and an ``acks_late`` message
+        is set aside in the dead letters with the reason."""
+        reject: Reject = outcome.value
+        if reject.requeue and acks_late:
+            log.info("Task %s[%s] rejected: back on its queue (%r)", call.name, call.id,
+                     reject.reason)
+            await self.consumer.reject(message, requeue=True, reason="rejected by the task")
+            return
+        if reject.requeue:
+            log.warning("Task %s[%s] rejected with requeue=True, but its message was acked "
+                        "when it started (acks_late is off): stored as FAILURE", call.name,
+                        call.id)
+        await self._finish(task, call, request, Outcome(
+            states.FAILURE, reject, None, outcome.runtime), ignore=ignore)
+        if acks_late:
+            with contextlib.suppress(Exception):
+                await self.writer.written()
+            await self.consumer.reject(message, requeue=False,
+                                       reason=f"rejected by the task: {reject.reason!r}")
 
     async def _unpause(self) -> None:
         if self._paused and not self._sync_slot.locked():
@@ -391,7 +470,8 @@ class WorkerProcess:
             me.add_done_callback(self._started.discard)
         if not ignore:
             self.writer.record(Record(call.id, history_entry(
-                states.RECEIVED, None, hostname=self.hostname)))
+                states.RECEIVED, {"retries": call.retries} if call.retries else None,
+                hostname=self.hostname)))
         log.info("Task %s[%s] received", call.name, call.id)
         if not acks_late:
             self.writer.ack(message, early=True)
@@ -483,16 +563,15 @@ class WorkerProcess:
         except (TypeError, ValueError):
             return False
 
-    async def _wait_for_eta(self, call: TaskCall) -> None:
+    def _eta_delay(self, call: TaskCall) -> float:
+        """Seconds until the message's ``eta`` (0 when it has none or it has passed)."""
         eta = call.headers.get("eta")
         if not eta:
-            return
+            return 0.0
         try:
-            delay = (datetime.fromisoformat(eta) - self.app.now()).total_seconds()
+            return max(0.0, (datetime.fromisoformat(eta) - self.app.now()).total_seconds())
         except (TypeError, ValueError):
-            return
-        if delay > 0:
-            await asyncio.sleep(delay)
+            return 0.0
 
 
 def _exc_meta(value: Any) -> Any:
