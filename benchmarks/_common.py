@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import platform
@@ -17,6 +18,15 @@ from importlib import metadata
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC = os.path.join(REPO, "docs", "BENCHMARKS.md")
 VENV_BIN = os.path.dirname(sys.executable)
+
+
+def add_output_args(parser: argparse.ArgumentParser, sides: tuple[str, ...]) -> None:
+    """The options every side-by-side script has: --only, --write, --json, --keep."""
+    parser.add_argument("--only", choices=sides, help="run one side only")
+    parser.add_argument("--write", action="store_true",
+                        help="write the section of docs/BENCHMARKS.md")
+    parser.add_argument("--json", help="also write the results as JSON to this file")
+    parser.add_argument("--keep", action="store_true", help="keep the temp directories")
 
 
 def tool(name: str) -> str:

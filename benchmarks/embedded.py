@@ -359,11 +359,7 @@ def main() -> int:
     parser.add_argument("--celery-poll", type=float, default=None,
                         help="set Celery's polling_interval and get(interval=) (default: "
                              "Celery's own defaults, 1 s and 0.5 s)")
-    parser.add_argument("--only", choices=SIDES, help="run one side only")
-    parser.add_argument("--write", action="store_true",
-                        help="write the section of docs/BENCHMARKS.md")
-    parser.add_argument("--json", help="also write the results as JSON to this file")
-    parser.add_argument("--keep", action="store_true", help="keep the temp directories")
+    common.add_output_args(parser, SIDES)
     parser.add_argument("--client", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--get-interval", type=float, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -835,11 +835,7 @@ def main() -> int:
                         help="comma-separated sides that run the large drain")
     parser.add_argument("--drain-timeout", type=float, default=400.0,
                         help="longest one drain may take, s")
-    parser.add_argument("--only", choices=SIDES, help="run one side only")
-    parser.add_argument("--write", action="store_true",
-                        help="write the section of docs/BENCHMARKS.md")
-    parser.add_argument("--json", help="also write the results as JSON to this file")
-    parser.add_argument("--keep", action="store_true", help="keep the temp directories")
+    common.add_output_args(parser, SIDES)
     parser.add_argument("--client", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--fill", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--ids-file", help=argparse.SUPPRESS)

@@ -95,6 +95,10 @@ class Retry(CeleriacError):  # noqa: N818 - Celery's name
         self.plan: Any = None  # set by Task.retry: what the worker sends again
         super().__init__(message, exc, when)
 
+    def reason(self) -> BaseException:
+        """What is stored with RETRY: the exception given to ``retry``, or this one."""
+        return self.exc if self.exc is not None else Retry(str(self))
+
     def humanize(self) -> str:
         if isinstance(self.when, int | float):
             return f"in {self.when}s"

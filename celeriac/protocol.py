@@ -159,9 +159,14 @@ def build_task_message(
         "delivery_info": {"exchange": "", "routing_key": queue},
     }
     if expires is not None:
-        remaining = (expires - datetime.now(expires.tzinfo)).total_seconds()
-        properties["expiration"] = str(max(0, int(remaining * 1000)))
+        properties["expiration"] = _expiration(expires)
     return Message(headers, body, content_type, encoding, properties, queue=queue)
+
+
+def _expiration(expires: datetime) -> str:
+    """The AMQP ``expiration`` property: milliseconds left until ``expires``."""
+    remaining = (expires - datetime.now(expires.tzinfo or UTC)).total_seconds()
+    return str(max(0, int(remaining * 1000)))
 
 
 def retry_message(call: TaskCall, *, retries: int, eta: datetime | None,
@@ -192,12 +197,8 @@ def retry_message(call: TaskCall, *, retries: int, eta: datetime | None,
     properties["delivery_info"] = {"exchange": "", "routing_key": queue}
     if priority is not None:
         properties["priority"] = priority
-    expires = headers.get("expires")
-    if expires:
-        when = datetime.fromisoformat(expires)
-        when = when if when.tzinfo else when.replace(tzinfo=UTC)
-        remaining = (when - datetime.now(UTC)).total_seconds()
-        properties["expiration"] = str(max(0, int(remaining * 1000)))
+    if headers.get("expires"):
+        properties["expiration"] = _expiration(datetime.fromisoformat(headers["expires"]))
     return Message(headers, body, content_type, encoding, properties, queue=queue)
 
 

@@ -224,9 +224,9 @@ class Task(Generic[P, R]):
         history.append(history_entry(states.STARTED))
         outcome = execute_sync(self, request)
         while outcome.state == states.RETRY:  # eager: the next attempt runs at once
-            retry, plan = outcome.value, outcome.value.plan
-            shown = retry.exc if retry.exc is not None else Retry(str(retry))
-            history.append(history_entry(states.RETRY, exception_to_dict(shown)))
+            plan = outcome.value.plan
+            history.append(history_entry(states.RETRY,
+                                         exception_to_dict(outcome.value.reason())))
             request = replace(
                 request, retries=plan.retries,
                 args=list(request.args if plan.args is None else plan.args),
@@ -325,10 +325,16 @@ def _failure(exc: BaseException, started: float) -> Outcome:
     return Outcome(states.FAILURE, exc, text, time.perf_counter() - started)
 
 
-def _ended(exc: BaseException, started: float) -> Outcome:
-    """The outcome of a task that raised: RETRY, IGNORED and REJECTED for Celery's
-    control exceptions, FAILURE for anything else (SystemExit and KeyboardInterrupt
-    too)."""
+def _ended(task: Task[Any, Any], exc: BaseException, started: float) -> Outcome:
+    """The outcome of a task that raised (called in the task's context): an error
+    listed in ``autoretry_for`` becomes a retry first; then RETRY, IGNORED and REJECTED
+    for Celery's control exceptions, FAILURE for anything else (SystemExit and
+    KeyboardInterrupt too)."""
+    if task.autoretry_for and isinstance(exc, Exception):
+        try:
+            task._autoretry(exc)
+        except BaseException as raised:  # the Retry, or exc itself when retries ran out
+            exc = raised
     if isinstance(exc, Retry) and exc.plan is not None:
         outcome = _failure(exc, started)
         outcome.state = states.RETRY
@@ -345,17 +351,12 @@ def execute_sync(task: Task[Any, Any], request: Request) -> Outcome:
     token = _current.set(request)
     started = time.perf_counter()
     try:
-        try:
-            value = task.run(*_bound_args(task, request), **request.kwargs)
-            if inspect.isawaitable(value):
-                value = asyncio.run(_await(value))
-        except Exception as exc:
-            if task.autoretry_for:
-                task._autoretry(exc)
-            raise
+        value = task.run(*_bound_args(task, request), **request.kwargs)
+        if inspect.isawaitable(value):
+            value = asyncio.run(_await(value))
         return Outcome(states.SUCCESS, value, None, time.perf_counter() - started)
     except BaseException as exc:
-        return _ended(exc, started)
+        return _ended(task, exc, started)
     finally:
         _current.reset(token)
 
@@ -368,17 +369,12 @@ async def execute_async(task: Task[Any, Any], request: Request) -> Outcome:
     """Run an ``async def`` task on the running loop (the caller set the context)."""
     started = time.perf_counter()
     try:
-        try:
-            value = await task.run(*_bound_args(task, request), **request.kwargs)
-        except Exception as exc:
-            if task.autoretry_for:
-                task._autoretry(exc)
-            raise
+        value = await task.run(*_bound_args(task, request), **request.kwargs)
         return Outcome(states.SUCCESS, value, None, time.perf_counter() - started)
     except asyncio.CancelledError:
         raise
     except BaseException as exc:
-        return _ended(exc, started)
+        return _ended(task, exc, started)
 
 
 def backoff_interval(factor: int, retries: int, maximum: float, jitter: bool) -> int:

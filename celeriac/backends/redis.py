@@ -135,11 +135,7 @@ class RedisBackend(Backend):
         queued, only its "sent" entry is missing."""
         if any(r.state is not None for r in records):
             return super().record_begin(records)
-        commands: list[tuple[Any, ...]] = []
-        for r in records:
-            commands.append(("RPUSH", self._history_key(r.task_id), _entry_json(r)))
-            if self.ttl:
-                commands.append(("EXPIRE", self._history_key(r.task_id), self.ttl))
+        commands = self._history_commands(records)
         pool = self.client.connection_pool
         conn = pool.get_connection()
         try:
@@ -169,8 +165,6 @@ class RedisBackend(Backend):
             return await super().record_async(records, io)
         if self._aclient is None or self._aclient_pid != os.getpid():
             self._aclient, self._aclient_pid = async_client(self.url), os.getpid()
-        if not self._sha:
-            self.client  # noqa: B018 - connects and loads the script
         for attempt in (1, 2):
             try:
                 async with self._aclient.pipeline(transaction=False) as pipe:
@@ -186,12 +180,19 @@ class RedisBackend(Backend):
     def load_script(self) -> None:
         self._sha = self.client.script_load(_SET_STATE)
 
+    def _history_commands(self, records: Sequence[Record]) -> list[tuple[Any, ...]]:
+        """The commands that append history-only records (the "sent" entry)."""
+        commands: list[tuple[Any, ...]] = []
+        for r in records:
+            commands.append(("RPUSH", self._history_key(r.task_id), _entry_json(r)))
+            if self.ttl:
+                commands.append(("EXPIRE", self._history_key(r.task_id), self.ttl))
+        return commands
+
     def queue_history(self, pipe: Any, records: Sequence[Record]) -> None:
         """Queue history-only records (the "sent" entry) on ``pipe``."""
-        for r in records:
-            pipe.rpush(self._history_key(r.task_id), _entry_json(r))
-            if self.ttl:
-                pipe.expire(self._history_key(r.task_id), self.ttl)
+        for command in self._history_commands(records):
+            pipe.execute_command(*command)
 
     def queue_records(self, pipe: Any, records: Sequence[Record]) -> None:
         """Queue the commands of :meth:`record` on ``pipe`` (sync or asyncio)."""

@@ -393,7 +393,7 @@ class WorkerProcess:
         be queued the task fails with the reason."""
         retry: Retry = outcome.value
         plan = retry.plan
-        shown = retry.exc if retry.exc is not None else Retry(str(retry))
+        shown = retry.reason()
         log.info("Task %s[%s] retry: %s", call.name, call.id, retry)
         if not ignore:
             entry = {**_exc_meta(shown), "retries": plan.retries,
