@@ -425,6 +425,9 @@ class WorkerProcess:
         if reject.requeue and acks_late:
             log.info("Task %s[%s] rejected: back on its queue (%r)", call.name, call.id,
                      reject.reason)
+            # this attempt's history first, so the next one's entries come after it
+            with contextlib.suppress(Exception):
+                await self.writer.written()
             await self.consumer.reject(message, requeue=True, reason="rejected by the task")
             return
         if reject.requeue:
