@@ -46,6 +46,8 @@ DEFAULTS: dict[str, Any] = {
     "result_persistent": None,
     "result_backend_transport_options": {},  # Redis results: global_keyprefix
     "task_acks_late": False,
+    "task_time_limit": None,  # seconds; the worker's default for tasks without one
+    "task_soft_time_limit": None,
     "task_always_eager": False,
     "task_eager_propagates": False,
     "worker_prefetch_multiplier": 4,

@@ -1,9 +1,10 @@
 """Exceptions raised by celeriac, named as Celery names them.
 
 Results store an exception as ``{"exc_type", "exc_message", "exc_module"}``.
-The classes below are written under ``exc_module = "celery.exceptions"`` so a
-Celery client reading a celeriac result resolves them to its own classes, and
-celeriac resolves that module name back to these classes (see protocol.py).
+The classes below are written under the module Celery uses for its class of that
+name (``celery.exceptions``; ``billiard.exceptions`` for the time limits and
+WorkerLostError), so a Celery client reading a celeriac result resolves them to its
+own classes, and celeriac resolves those names back to these classes (protocol.py).
 """
 
 from __future__ import annotations
@@ -60,11 +61,14 @@ class WorkerLostError(CeleriacError):
 
 
 class SoftTimeLimitExceeded(CeleriacError):
-    """Raised inside a task when its soft time limit passes."""
+    """Raised inside a task when its soft time limit passes; the task may catch it."""
 
 
 class TimeLimitExceeded(CeleriacError):
     """The task ran past its hard time limit and was stopped."""
+
+    def __str__(self) -> str:
+        return f"TimeLimitExceeded{self.args!r}"
 
 
 class MaxRetriesExceededError(CeleriacError):
@@ -112,15 +116,20 @@ class Retry(CeleriacError):  # noqa: N818 - Celery's name
         return f"Retry {self.humanize()}"
 
 
-#: Celery's module name for the classes above, as written into stored results.
+#: Celery's module name for most of the classes above, as written into stored results.
 CELERY_EXC_MODULE = "celery.exceptions"
+#: Where Celery's time-limit and lost-worker exceptions come from.
+BILLIARD_EXC_MODULE = "billiard.exceptions"
+_FROM_BILLIARD = (WorkerLostError, SoftTimeLimitExceeded, TimeLimitExceeded)
 
-#: Classes a stored ``exc_module == "celery.exceptions"`` may resolve to.
-CELERY_NAMED: dict[str, type[BaseException]] = {
-    cls.__name__: cls
+#: The stored ``(exc_module, exc_type)`` of each class above, and back.
+STORED_NAME: dict[type[BaseException], tuple[str, str]] = {
+    cls: (BILLIARD_EXC_MODULE if cls in _FROM_BILLIARD else CELERY_EXC_MODULE, cls.__name__)
     for cls in (
         TimeoutError, NotRegistered, EncodeError, DecodeError, ContentDisallowed,
         TaskRevokedError, WorkerLostError, SoftTimeLimitExceeded, TimeLimitExceeded,
         MaxRetriesExceededError, Ignore, Reject, Retry, ImproperlyConfigured, SecurityError,
     )
 }
+CELERY_NAMED: dict[tuple[str, str], type[BaseException]] = {
+    name: cls for cls, name in STORED_NAME.items()}

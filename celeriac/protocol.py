@@ -23,6 +23,7 @@ from . import serialization
 from .exceptions import (
     CELERY_EXC_MODULE,
     CELERY_NAMED,
+    STORED_NAME,
     DecodeError,
     EncodeError,
     SecurityError,
@@ -339,11 +340,11 @@ def _serializable(value: Any) -> Any:
 def exception_to_dict(exc: BaseException) -> dict[str, Any]:
     """Celery's JSON form of an exception."""
     cls = type(exc)
-    module = cls.__module__
+    module, name = STORED_NAME.get(cls) or (cls.__module__, cls.__qualname__)
     if module == "celeriac.exceptions":
         module = CELERY_EXC_MODULE
     return {
-        "exc_type": cls.__qualname__,
+        "exc_type": name,
         "exc_message": [_serializable(a) for a in exc.args],
         "exc_module": module,
     }
@@ -365,8 +366,8 @@ def _synthesize(name: str, module: str) -> type[Exception]:
 def _resolve_exception_class(name: str, module: str | None) -> type[BaseException]:
     if module is None:
         return _synthesize(name, CELERY_EXC_MODULE)
-    if module == CELERY_EXC_MODULE and name in CELERY_NAMED:
-        return CELERY_NAMED[name]
+    if (module, name) in CELERY_NAMED:
+        return CELERY_NAMED[module, name]
     if module == "builtins":
         obj: Any = builtins
     else:

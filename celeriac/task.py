@@ -9,7 +9,7 @@ import random
 import time
 import traceback as tb
 import warnings
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
@@ -95,7 +95,7 @@ class Outcome:
 #: Celery task options that are accepted (and carried in messages where Celery puts them)
 #: but not acted on by celeriac yet; setting one warns.
 NOT_IMPLEMENTED_OPTIONS = frozenset({
-    "time_limit", "soft_time_limit", "rate_limit", "throws", "store_errors_even_if_ignored",
+    "rate_limit", "throws", "store_errors_even_if_ignored",
     "reject_on_worker_lost", "send_events", "expires", "trail", "base", "shared",
     "pydantic", "lazy",
 })
@@ -112,6 +112,9 @@ class Task(Generic[P, R]):
     queue: str | None = None
     priority: int | None = None
     typing: bool = True
+    # Time limits in seconds (None: the worker's task_time_limit / task_soft_time_limit).
+    time_limit: float | None = None
+    soft_time_limit: float | None = None
     # Retries, with Celery's defaults.
     max_retries: int | None = 3
     default_retry_delay: float = 180
@@ -196,8 +199,8 @@ class Task(Generic[P, R]):
             serializer=serializer or self.serializer,
             ignore_result=self._option("ignore_result") if ignore_result is None
             else ignore_result,
-            time_limit=time_limit or getattr(self, "time_limit", None),
-            soft_time_limit=soft_time_limit or getattr(self, "soft_time_limit", None),
+            time_limit=time_limit or self.time_limit,
+            soft_time_limit=soft_time_limit or self.soft_time_limit,
             **options,
         )
 
@@ -365,11 +368,16 @@ async def _await(value: Any) -> Any:
     return await value
 
 
-async def execute_async(task: Task[Any, Any], request: Request) -> Outcome:
-    """Run an ``async def`` task on the running loop (the caller set the context)."""
+async def execute_async(
+    task: Task[Any, Any], request: Request,
+    wrap: Callable[[Coroutine[Any, Any, Any]], Awaitable[Any]] | None = None,
+) -> Outcome:
+    """Run an ``async def`` task on the running loop (the caller set the context);
+    ``wrap`` is what the task's coroutine is awaited through (time limits)."""
     started = time.perf_counter()
     try:
-        value = await task.run(*_bound_args(task, request), **request.kwargs)
+        coro = task.run(*_bound_args(task, request), **request.kwargs)
+        value = await (coro if wrap is None else wrap(coro))
         return Outcome(states.SUCCESS, value, None, time.perf_counter() - started)
     except asyncio.CancelledError:
         raise

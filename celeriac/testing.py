@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from .worker.consumer import WorkerProcess
+from .worker.execution import TaskThread
 
 if TYPE_CHECKING:
     from .app import Celeriac
@@ -28,8 +29,12 @@ def start_worker(app: Celeriac, queues: Sequence[str] | None = None,
     ready = threading.Event()
     loop = asyncio.new_event_loop()
 
+    task_thread = TaskThread()  # served on a thread of its own: no time limits here
+    threading.Thread(target=task_thread.serve, name="celeriac-test-tasks", daemon=True).start()
+
     async def main() -> None:
-        process = WorkerProcess(app, qs, hostname or f"testworker@{socket.gethostname()}")
+        process = WorkerProcess(app, qs, hostname or f"testworker@{socket.gethostname()}",
+                                task_thread)
         process_holder.append(process)
         ready.set()
         await process.run()
@@ -45,3 +50,4 @@ def start_worker(app: Celeriac, queues: Sequence[str] | None = None,
         loop.call_soon_threadsafe(process.stopping.set)
         thread.join(30)
         loop.close()
+        task_thread.shutdown()

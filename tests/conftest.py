@@ -190,3 +190,22 @@ def amqp_queue() -> Iterator[str]:
     with contextlib.suppress(Exception):
         channel.exchange_delete(name)
     conn.close()
+
+
+@pytest.fixture(params=["sqlite", "redis", "amqp"])
+def broker_env(request, project, monkeypatch) -> dict[str, str]:
+    """TEST_BROKER / TEST_BACKEND / TEST_QUEUE for each broker (set in this process's
+    environment too): the embedded SQLite file, Redis for both, and RabbitMQ with Redis
+    results.  Every value is this test's own."""
+    kind = request.param
+    if kind == "sqlite":
+        values = {"TEST_BROKER": f"sqlite:///{project}/tasks.db", "TEST_QUEUE": "celery"}
+    elif kind == "redis":
+        url = request.getfixturevalue("redis_url")
+        values = {"TEST_BROKER": url, "TEST_BACKEND": url, "TEST_QUEUE": "celery"}
+    else:
+        values = {"TEST_BROKER": AMQP_URL, "TEST_BACKEND": request.getfixturevalue("redis_url"),
+                  "TEST_QUEUE": request.getfixturevalue("amqp_queue")}
+    for k, v in values.items():
+        monkeypatch.setenv(k, v)
+    return values

@@ -72,27 +72,11 @@ def requeued(path):
 """
 
 
-@pytest.fixture(params=["sqlite", "redis", "amqp"])
-def env(request, project, monkeypatch):
-    kind = request.param
-    if kind == "sqlite":
-        values = {"TEST_BROKER": f"sqlite:///{project}/tasks.db", "TEST_QUEUE": "celery"}
-    elif kind == "redis":
-        url = request.getfixturevalue("redis_url")
-        values = {"TEST_BROKER": url, "TEST_BACKEND": url, "TEST_QUEUE": "celery"}
-    else:
-        values = {"TEST_BROKER": AMQP_URL, "TEST_BACKEND": request.getfixturevalue("redis_url"),
-                  "TEST_QUEUE": request.getfixturevalue("amqp_queue")}
-    for k, v in values.items():
-        monkeypatch.setenv(k, v)
-    return values
-
-
 @pytest.fixture
-def tasks(env, project, workers):
+def tasks(broker_env, project, workers):
     write_module(project, "ltasks", TASKS)
     module = importlib.import_module("ltasks")
-    workers.append(Worker(project, "ltasks", env=env, concurrency=2))
+    workers.append(Worker(project, "ltasks", env=broker_env, concurrency=2))
     return module
 
 

@@ -18,6 +18,7 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -31,7 +32,9 @@ from ..exceptions import (
     NotRegistered,
     Reject,
     Retry,
+    SoftTimeLimitExceeded,
     TaskRevokedError,
+    TimeLimitExceeded,
     UnsafeTaskId,
 )
 from ..protocol import (
@@ -44,6 +47,7 @@ from ..protocol import (
 )
 from ..serialization import accepted_content_types
 from ..task import Outcome, Request, Task, _current, execute_async, execute_sync
+from .execution import Interruptible, TaskThread
 
 if TYPE_CHECKING:
     from ..app import Celeriac
@@ -58,10 +62,15 @@ PARK_AFTER = 1.0
 #: is busy) is handed back to the queue for another process, and this process stops
 #: fetching until its thread is free.  Short tasks never wait this long.
 HAND_BACK_AFTER = 0.05
+#: Exit status of a worker process that had to exit to stop a task (see STOP_GRACE).
+EXIT_STUCK = 3
 #: A write batch waits at most this long (seconds) for running tasks to add theirs,
 #: and stops waiting once it holds this many records.
 COALESCE_FOR = 0.002
 COALESCE_MAX = 256
+#: A task stopped at its hard time limit or by revoke(terminate=True) that has not
+#: stopped this many seconds later is abandoned: a def task's process is replaced.
+STOP_GRACE = 1.0
 #: Pauses between attempts at a write the store did not take (seconds; then 8 s each).
 WRITE_RETRY_DELAYS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8)
 
@@ -178,6 +187,37 @@ class Writer:
         return error
 
 
+@dataclass(eq=False)
+class Running:
+    """A task this process is running, for time limits and ``revoke(terminate=True)``."""
+
+    call: TaskCall
+    is_async: bool
+    job: asyncio.Future[Outcome] | None = None
+    #: set to the outcome that stops the task (REVOKED when terminated)
+    stop: asyncio.Future[Outcome] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+def time_limits(call: TaskCall, task: Task[Any, Any],
+                conf: Any) -> tuple[float | None, float | None]:
+    """``(hard, soft)`` in seconds: the message's ``timelimit`` header, else the task's
+    options, else the worker's ``task_time_limit`` / ``task_soft_time_limit``."""
+    header = call.headers.get("timelimit") or (None, None)
+    hard = header[0] or task.time_limit or conf.get("task_time_limit")
+    soft = header[1] or task.soft_time_limit or conf.get("task_soft_time_limit")
+    return (float(hard) if hard else None), (float(soft) if soft else None)
+
+
+def _outcome_of(job: asyncio.Future[Outcome], started: float, now: float) -> Outcome:
+    """What a finished job ended with; an exception escaping it (an interrupt that landed
+    as the task returned, or an async task cancelled from within) is its FAILURE."""
+    error = asyncio.CancelledError() if job.cancelled() else job.exception()
+    if error is None:
+        return job.result()
+    return Outcome(states.FAILURE, error, None, now - started)
+
+
 def _permanent(exc: BaseException) -> bool:
     """Errors that retrying cannot mend (as opposed to a store that is down or busy)."""
     return isinstance(exc, CeleriacError | TypeError | ValueError | KeyError)
@@ -200,7 +240,7 @@ async def _retrying(write: Any, what: str) -> BaseException | None:
 
 class WorkerProcess:
     def __init__(self, app: Celeriac, queues: list[str], hostname: str,
-                 housekeeper: bool = False) -> None:
+                 task_thread: TaskThread, housekeeper: bool = False) -> None:
         self.app = app
         self.housekeeper = housekeeper  # this process removes expired results
         self.queues = queues
@@ -208,7 +248,10 @@ class WorkerProcess:
         self.accept = accepted_content_types(app.conf.accept_content)
         self.prefetch = max(1, int(app.conf.worker_prefetch_multiplier or 1))
         self.io = ThreadPoolExecutor(1, thread_name_prefix="celeriac-io")
-        self.task_thread = ThreadPoolExecutor(1, thread_name_prefix="celeriac-task")
+        self.task_thread = task_thread
+        self._active: dict[str, Running] = {}  # task id -> the task running it
+        #: a def task would not stop: the process is to be replaced once shut down
+        self.stuck = False
         self.consumer: Consumer
         self.writer: Writer
         self.stopping = asyncio.Event()
@@ -312,7 +355,6 @@ class WorkerProcess:
             await self.writer.flushed()
         await self.consumer.close()
         self.io.shutdown(wait=True)
-        self.task_thread.shutdown(wait=True)
 
     # ------------------------------------------------------------------ one message
 
@@ -358,9 +400,7 @@ class WorkerProcess:
         acks_late = bool(task._option("acks_late"))
         if task.is_async:
             self._start(message, call, task, request, acks_late, ignore)
-            ctx = contextvars.copy_context()
-            ctx.run(_current.set, request)
-            outcome = await asyncio.create_task(execute_async(task, request), context=ctx)
+            outcome = await self._execute(task, call, request)
         else:
             if not await self._take_sync_slot():
                 # Busy with a long task: let an idle process have it (it keeps its place).
@@ -368,12 +408,12 @@ class WorkerProcess:
                 return
             try:
                 self._start(message, call, task, request, acks_late, ignore)
-                outcome = await self.loop.run_in_executor(
-                    self.task_thread, execute_sync, task, request)
+                outcome = await self._execute(task, call, request)
             finally:
-                self._sync_slot.release()
-                await self._unpause()
-                self._slot_free.set()
+                if not self.stuck:  # else the thread never frees up: take nothing more
+                    self._sync_slot.release()
+                    await self._unpause()
+                    self._slot_free.set()
         if outcome.state == states.RETRY:
             await self._retry(task, call, request, outcome, ignore=ignore)
         elif outcome.state == states.REJECTED:
@@ -464,6 +504,83 @@ class WorkerProcess:
     def has_unfinished_work(self) -> bool:
         """Whether tasks of this process have started and not yet finished."""
         return bool(self._started)
+
+    async def _execute(self, task: Task[Any, Any], call: TaskCall,
+                       request: Request) -> Outcome:
+        """Run the task (async on the loop, def on the task thread) under its time limits.
+
+        At the soft limit SoftTimeLimitExceeded is raised in the task, which may catch
+        it.  At the hard limit, or when revoked with ``terminate``, the outcome is
+        decided here (FAILURE TimeLimitExceeded, or REVOKED) and the task is stopped: an
+        async task is cancelled; a def task gets TimeLimitExceeded / TaskRevokedError
+        raised in it, and if it has not stopped STOP_GRACE seconds later the process is
+        replaced, as only that can stop it."""
+        hard, soft = time_limits(call, task, self.app.conf)
+        running = Running(call, task.is_async)
+        self._active[call.id] = running
+        interruptible = None
+        try:
+            if task.is_async:
+                ctx = contextvars.copy_context()
+                ctx.run(_current.set, request)
+                interruptible = Interruptible()
+                wrap = interruptible.run if soft else None
+                job: asyncio.Future[Outcome] = asyncio.create_task(
+                    execute_async(task, request, wrap), context=ctx)
+            else:
+                job = asyncio.wrap_future(
+                    self.task_thread.submit(running, execute_sync, task, request))
+            running.job = job
+            started = self.loop.time()
+            if soft and (not hard or soft < hard):
+                await asyncio.wait({job, running.stop}, timeout=soft)
+                if not job.done() and not running.stop.done():
+                    log.warning("Soft time limit (%ss) exceeded for %s[%s]", soft, call.name,
+                                call.id)
+                    exc = SoftTimeLimitExceeded(soft)
+                    if interruptible is not None:
+                        interruptible.throw(exc)
+                    else:
+                        self.task_thread.interrupt(running, exc)
+            timeout = None if not hard else max(0.0, hard - (self.loop.time() - started))
+            await asyncio.wait({job, running.stop}, timeout=timeout,
+                               return_when=asyncio.FIRST_COMPLETED)
+            if job.done():
+                return _outcome_of(job, started, self.loop.time())
+            if running.stop.done():
+                outcome = running.stop.result()
+            else:
+                log.error("Hard time limit (%ss) exceeded for %s[%s]", hard, call.name,
+                          call.id)
+                error = TimeLimitExceeded(hard)
+                outcome = Outcome(states.FAILURE, error, None, self.loop.time() - started)
+            await self._halt(running, outcome.value)
+            return outcome
+        finally:
+            del self._active[call.id]
+
+    async def _halt(self, running: Running, exc: BaseException) -> None:
+        """Stop a running task whose outcome is already decided (see :meth:`_execute`)."""
+        job = running.job
+        assert job is not None
+        if running.is_async:
+            job.cancel()
+        else:
+            self.task_thread.interrupt(running, exc)
+        await asyncio.wait({job}, timeout=STOP_GRACE)
+        if job.done():
+            if not job.cancelled():
+                job.exception()  # retrieved: what it ended with no longer counts
+            return
+        call = running.call
+        if running.is_async:
+            log.error("Task %s[%s] ignored its cancellation; it is left running",
+                      call.name, call.id)
+            return
+        log.error("Task %s[%s] did not stop within %ss; this worker process will be "
+                  "replaced", call.name, call.id, STOP_GRACE)
+        self.stuck = True
+        self.stopping.set()
 
     def _start(self, message: Message, call: TaskCall, task: Task[Any, Any], request: Request,
                acks_late: bool, ignore: bool) -> None:
@@ -584,9 +701,13 @@ def _exc_meta(value: Any) -> Any:
 
 
 def run_process(app: Celeriac, queues: list[str], hostname: str, housekeeper: bool) -> None:
-    """Entry point of a worker child process."""
-    process = WorkerProcess(app, queues, hostname, housekeeper)
+    """Entry point of a worker child process: the event loop runs on a thread of its
+    own, and ``def`` tasks on this (the main) thread, where signals can interrupt them."""
+    task_thread = TaskThread()
+    process = WorkerProcess(app, queues, hostname, task_thread, housekeeper)
     parent = os.getppid()
+    loop_ready = threading.Event()
+    failed: list[BaseException] = []
 
     async def orphaned() -> None:
         """The supervisor died (SIGKILL): shut down warmly instead of running on alone."""
@@ -596,13 +717,35 @@ def run_process(app: Celeriac, queues: list[str], hostname: str, housekeeper: bo
         process.stopping.set()
 
     async def main() -> None:
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, process.stopping.set)
-        watch = loop.create_task(orphaned())
+        process.loop = asyncio.get_running_loop()
+        loop_ready.set()
+        watch = process.loop.create_task(orphaned())
         try:
             await process.run()
         finally:
             watch.cancel()
 
+    def run_loop() -> None:
+        try:
+            asyncio.run(main())
+        except BaseException as exc:
+            failed.append(exc)
+        if process.stuck:  # the main thread is held by a task that will not stop
+            log.error("worker process %d exits to stop a task that would not stop",
+                      os.getpid())
+            logging.shutdown()
+            os._exit(EXIT_STUCK)
+        task_thread.shutdown()
+
+    def on_sigterm(_signum: int, _frame: object) -> None:
+        loop_ready.wait()
+        process.loop.call_soon_threadsafe(process.stopping.set)
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor turns Ctrl-C into SIGTERM
-    asyncio.run(main())
+    signal.signal(signal.SIGTERM, on_sigterm)
+    loop_thread = threading.Thread(target=run_loop, name="celeriac-loop")
+    loop_thread.start()
+    task_thread.serve()
+    loop_thread.join()
+    if failed:
+        raise failed[0]
