@@ -14,6 +14,7 @@ from .backends import Backend, backend_from_url
 from .backends.base import Record, history_entry
 from .brokers import Broker, broker_from_url
 from .conf import Settings, settings_from_object
+from .control import Control
 from .protocol import build_task_message, new_id, origin_name
 from .result import AsyncResult
 from .routing import QueueSpec, prepare, queue_specs, route_options
@@ -245,6 +246,11 @@ class Celeriac:
                                                  hostname=origin_name()))
             self.broker.publish_after(self.backend, [sent], message)
         return AsyncResult(task_id, app=self, task_name=name)
+
+    @property
+    def control(self) -> Control:
+        """Remote control of the workers (``app.control.revoke(...)``)."""
+        return Control(self)
 
     def AsyncResult(self, task_id: str) -> AsyncResult[Any]:  # noqa: N802 - Celery's name
         return AsyncResult(task_id, app=self)

@@ -14,6 +14,7 @@ import re
 import reprlib
 import socket
 import sys
+import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -309,6 +310,32 @@ def encode_envelope(message: Message) -> bytes:
         "properties": props,
     }
     return serialization.json_dumps(envelope)
+
+
+#: The fanout exchange of Celery's remote-control mailbox.
+CONTROL_EXCHANGE = "celery.pidbox"
+#: How long a control command is good for (its ``expires`` header; Celery: 1 s).
+CONTROL_TTL = 10.0
+
+
+def control_message(command: dict[str, Any]) -> Message:
+    """A remote-control command as Celery's mailbox publishes it: JSON body, headers
+    ``clock`` and ``expires``, to the fanout exchange ``celery.pidbox``, routing key ''."""
+    return Message({"clock": 1, "expires": time.time() + CONTROL_TTL},
+                   serialization.json_dumps(command), "application/json", "utf-8",
+                   {"delivery_mode": 2, "priority": 0,
+                    "delivery_info": {"exchange": CONTROL_EXCHANGE, "routing_key": ""}})
+
+
+def control_command(message: Message) -> dict[str, Any]:
+    """The command a control message carries (raises DecodeError when it has none)."""
+    try:
+        command = serialization.json_loads(message.body)
+    except ValueError as exc:
+        raise DecodeError(f"malformed control message: {exc}") from exc
+    if not isinstance(command, dict):
+        raise DecodeError(f"control message is not an object: {saferepr(command)}")
+    return command
 
 
 def decode_envelope(data: bytes, queue: str) -> Message:

@@ -142,6 +142,15 @@ class AsyncResult(Generic[R]):
         self._cache = None
         self.backend.forget(self.id)
 
+    def revoke(self, connection: Any = None, terminate: bool = False,
+               signal: str | None = None, wait: bool = False,
+               timeout: float | None = None) -> None:
+        """Revoke this task (``app.control.revoke``); with ``wait``, block until REVOKED
+        (or another ready state) is stored, up to ``timeout`` seconds."""
+        self.app.control.revoke(self.id, terminate=terminate, signal=signal or "SIGTERM")
+        if wait:
+            self.backend.wait(self.id, timeout)
+
     # ------------------------------------------------------------------ identity
 
     def __repr__(self) -> str:
@@ -186,6 +195,11 @@ class EagerResult(AsyncResult[R]):
 
     def forget(self) -> None:
         pass
+
+    def revoke(self, connection: Any = None, terminate: bool = False,
+               signal: str | None = None, wait: bool = False,
+               timeout: float | None = None) -> None:
+        """An eager task has run already: nothing to revoke."""
 
     def get(self, timeout: float | None = None, propagate: bool = True,
             interval: float = 0.5, disable_sync_subtasks: bool = True, **_: Any) -> R:

@@ -63,3 +63,15 @@ def may_replace(current: str | None, new: str) -> bool:
     calling this function, so the check and the write are one atomic step.
     """
     return current not in READY_STATES
+
+
+#: The history states of a task that has not started: sent, or waiting for a retry.
+WAITING_STATES = frozenset({PENDING, RETRY})
+
+
+def is_waiting(stored: str | None, latest: str | None) -> bool:
+    """Whether a task has not started (what ``revoke`` may mark REVOKED at once):
+    ``stored`` is its stored state, ``latest`` the state of its newest history entry
+    (None for none).  A worker writes RECEIVED to the history when it starts a task."""
+    return (stored is None or stored in WAITING_STATES) and (
+        latest is None or latest in WAITING_STATES)

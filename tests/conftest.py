@@ -142,15 +142,18 @@ def redis_url() -> Iterator[str]:
 
 
 class CeleryWorker(Worker):
-    """A real Celery 5.7 worker (solo pool) on a module in the project directory."""
+    """A real Celery 5.7 worker (solo pool, or ``prefork -c 1``) on a module in the
+    project directory."""
 
-    def __init__(self, cwd: Path, app: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, cwd: Path, app: str, env: dict[str, str] | None = None,
+                 pool: str = "solo") -> None:
         self.cwd = cwd
         self.log_path = cwd / f"celery-worker-{time.monotonic_ns()}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", app, "worker", "-P", "solo", "-l", "INFO",
+            [sys.executable, "-m", "celery", "-A", app, "worker", "-P", pool, "-c", "1",
+             "-l", "INFO",
              "--without-heartbeat", "--without-mingle", "--without-gossip"],
             cwd=cwd, env=full_env, stdout=self._log, stderr=subprocess.STDOUT,
             start_new_session=True,

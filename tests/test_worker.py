@@ -182,7 +182,7 @@ def test_a_dead_worker_process_is_replaced(tasks, project, workers):
     pids = w.child_pids()
     assert len(pids) == 2
     os.kill(pids[0], signal.SIGKILL)
-    w.wait_for_log("exited with signal SIGKILL; starting a new one")
+    w.wait_for_log("exited with signal 9 (SIGKILL); starting a new one")
     deadline = time.monotonic() + 10
     while (len(w.child_pids()) != 2 or pids[0] in w.child_pids()) and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -9,7 +9,8 @@ A backend keeps, per task id:
   ``{"state", "timestamp", "hostname", "pid", "meta"}``.
 
 A store implements five operations (``_get``, ``record``, ``history``, ``forget``,
-``exists``); it may improve ``_wait_for_change`` and implement ``cleanup``.
+``exists``); it may improve ``_wait_for_change`` and ``waiting``, and implement
+``cleanup`` and the revoke record (``add_revoked`` / ``revoked``).
 ``record`` is the only write: it applies a batch of :class:`Record`\\ s in order,
 and for each one that sets a state it must apply :func:`celeriac.states.may_replace`
 atomically with the write (a stored SUCCESS, FAILURE or REVOKED is never replaced),
@@ -122,6 +123,32 @@ class Backend(ABC):
         (epoch seconds); returns how many.  The worker calls this for ``result_expires``.
         A store that expires entries itself, or keeps nothing, leaves this as it is."""
         return 0
+
+    # ------------------------------------------------------------------ revoke
+
+    def add_revoked(self, task_ids: Sequence[str], until: float) -> None:  # noqa: B027
+        """Keep ``task_ids`` as revoked until ``until`` (epoch seconds), where a worker
+        that starts later reads them (:meth:`revoked`).  A store that keeps nothing
+        (``rpc://``) does nothing: revokes then reach only the workers that are up."""
+
+    def revoked(self) -> dict[str, float]:
+        """The revoked task ids still in force, each with the time it lapses."""
+        return {}
+
+    def waiting(self, task_ids: Sequence[str]) -> list[str]:
+        """Those of ``task_ids`` whose task has not started (:func:`states.is_waiting`)."""
+        found = []
+        for task_id in task_ids:
+            history = self.history(task_id)
+            if states.is_waiting(self.stored_state(task_id),
+                                 history[-1]["state"] if history else None):
+                found.append(task_id)
+        return found
+
+    def stored_state(self, task_id: str) -> str | None:
+        """The stored state (None when nothing is stored)."""
+        data = self._get(task_id)
+        return None if data is None else str(self.decode_meta(data).get("status"))
 
     def _wait_for_change(self, task_id: str, timeout: float, attempt: int) -> None:
         """Block until the task's meta may have changed, or ``timeout`` s pass.

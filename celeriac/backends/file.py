@@ -4,6 +4,7 @@ Layout (``ls`` the directory)::
 
     celery-task-meta-<id>        the Celery meta, result_serializer bytes (Celery reads it)
     celeriac-task-history-<id>   the history, one JSON object per line, oldest first
+    celeriac-revoked             revoked task ids, one ``<id> <until epoch s>`` per line
 
 Unlike Celery's backend, a meta file is never written in place: the new bytes go
 to a temporary file in the same directory, are fsynced, and are renamed over the
@@ -21,6 +22,7 @@ import fcntl
 import json
 import os
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
 
 META_PREFIX = "celery-task-meta-"
 HISTORY_PREFIX = "celeriac-task-history-"
+REVOKED_FILE = "celeriac-revoked"
 
 
 def directory_from_url(url: str) -> str:
@@ -90,6 +93,9 @@ class FileBackend(Backend):
             return None  # a torn file left by a non-atomic writer: replace it
 
     def _replace_meta(self, task_id: str, payload: bytes) -> None:
+        self._replace(self._meta_path(task_id), payload)
+
+    def _replace(self, path: str, payload: bytes) -> None:
         fd, tmp = tempfile.mkstemp(prefix=".celeriac-tmp-", dir=self.directory)
         try:
             with os.fdopen(fd, "wb") as f:
@@ -97,7 +103,7 @@ class FileBackend(Backend):
                 f.flush()
                 os.fsync(f.fileno())
             os.chmod(tmp, 0o644)
-            os.replace(tmp, self._meta_path(task_id))
+            os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
@@ -129,6 +135,33 @@ class FileBackend(Backend):
             with contextlib.suppress(ValueError):
                 entries.append(json.loads(line))
         return entries
+
+    def add_revoked(self, task_ids: Sequence[str], until: float) -> None:
+        """Rewrite the revoked file (atomically, under a lock) with lapsed ids dropped."""
+        path = os.path.join(self.directory, REVOKED_FILE)
+        fd = os.open(path + ".lock", os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            kept = self.revoked()
+            kept.update(dict.fromkeys(task_ids, until))
+            self._replace(path, "".join(f"{t} {u}\n" for t, u in kept.items()).encode())
+        finally:
+            os.close(fd)
+
+    def revoked(self) -> dict[str, float]:
+        try:
+            with open(os.path.join(self.directory, REVOKED_FILE), encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except FileNotFoundError:
+            return {}
+        now = time.time()
+        found = {}
+        for line in lines:
+            task_id, _, until = line.rpartition(" ")
+            with contextlib.suppress(ValueError):
+                if float(until) >= now:
+                    found[task_id] = float(until)
+        return found
 
     def forget(self, task_id: str) -> None:
         for path in (self._meta_path(task_id), self._history_path(task_id)):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +20,7 @@ class _Store:
         self.cond = threading.Condition()
         self.metas: dict[str, tuple[str, bytes]] = {}
         self.histories: dict[str, list[dict[str, Any]]] = {}
+        self.revoked: dict[str, float] = {}
 
 
 _stores: dict[str, _Store] = {}
@@ -60,6 +62,15 @@ class MemoryBackend(Backend):
         with self._mem.cond:
             self._mem.metas.pop(task_id, None)
             self._mem.histories.pop(task_id, None)
+
+    def add_revoked(self, task_ids: Sequence[str], until: float) -> None:
+        with self._mem.cond:
+            self._mem.revoked.update(dict.fromkeys(task_ids, until))
+
+    def revoked(self) -> dict[str, float]:
+        now = time.time()
+        with self._mem.cond:
+            return {t: u for t, u in self._mem.revoked.items() if u >= now}
 
     def exists(self, task_id: str) -> bool:
         return task_id in self._mem.metas or task_id in self._mem.histories

@@ -5,6 +5,8 @@ Layout (inspect with ``redis-cli``)::
     celery-task-meta-<id>       STRING  the Celery meta (result_serializer bytes), TTL
                                         result_expires (default one day)
     celeriac-task-history-<id>  LIST    the history, one JSON object per entry, same TTL
+    celeriac-revoked            ZSET    revoked task ids, each scored with the epoch
+                                        second its revoke lapses
 
 Every state write also PUBLISHes the meta on the channel named like the key, as Celery
 does, so Celery's ``get()`` and celeriac's wake up at once.  The transition rule runs in
@@ -37,6 +39,9 @@ if TYPE_CHECKING:
 
 META_PREFIX = "celery-task-meta-"
 HISTORY_PREFIX = "celeriac-task-history-"
+REVOKED_KEY = "celeriac-revoked"
+#: Ids per round trip when revoking many tasks at once.
+CHUNK = 1000
 #: Longest a waiter blocks on pub/sub before it reads the key again (missed messages).
 WAIT_RECHECK = 1.0
 
@@ -254,6 +259,36 @@ class RedisBackend(Backend):
 
     def history(self, task_id: str) -> list[dict[str, Any]]:
         return [json.loads(x) for x in self.client.lrange(self._history_key(task_id), 0, -1)]
+
+    def add_revoked(self, task_ids: Sequence[str], until: float) -> None:
+        key = self.prefix + REVOKED_KEY
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.zremrangebyscore(key, "-inf", time.time())
+            for i in range(0, len(task_ids), CHUNK):
+                pipe.zadd(key, dict.fromkeys(task_ids[i:i + CHUNK], until))
+            pipe.execute()
+
+    def revoked(self) -> dict[str, float]:
+        found: Any = self.client.zrangebyscore(self.prefix + REVOKED_KEY, time.time(), "+inf",
+                                               withscores=True)
+        return {_bytes(k).decode(): float(v) for k, v in found}
+
+    def waiting(self, task_ids: Sequence[str]) -> list[str]:
+        found = []
+        for i in range(0, len(task_ids), CHUNK):
+            chunk = task_ids[i:i + CHUNK]
+            with self.client.pipeline(transaction=False) as pipe:
+                for task_id in chunk:
+                    pipe.get(self._meta_key(task_id))
+                    pipe.lindex(self._history_key(task_id), -1)
+                replies = pipe.execute()
+            for j, task_id in enumerate(chunk):
+                meta, latest = replies[2 * j], replies[2 * j + 1]
+                status = None if meta is None else self.decode_meta(_bytes(meta)).get("status")
+                if states.is_waiting(status, None if latest is None
+                                     else json.loads(latest).get("state")):
+                    found.append(task_id)
+        return found
 
     def forget(self, task_id: str) -> None:
         check_task_id(task_id)

@@ -4,6 +4,7 @@ Layout (inspect with ``sqlite3``)::
 
     celeriac_task_meta(task_id PRIMARY KEY, status, meta, updated_at)
     celeriac_task_history(seq, task_id, state, timestamp, hostname, pid, meta)
+    celeriac_revoked(task_id PRIMARY KEY, until)   revoked ids, until when (epoch s)
 
 ``meta`` holds the Celery result bytes (``result_serializer``), the same bytes
 Celery's key-value backends store under ``celery-task-meta-<id>``; history
@@ -50,7 +51,13 @@ CREATE TABLE IF NOT EXISTS celeriac_task_history (
 );
 CREATE INDEX IF NOT EXISTS celeriac_task_history_by_task
     ON celeriac_task_history (task_id, seq);
+CREATE TABLE IF NOT EXISTS celeriac_revoked (
+    task_id TEXT PRIMARY KEY,
+    until REAL NOT NULL
+);
 """
+#: Ids per statement when revoking many tasks at once (SQLite's variable limit).
+CHUNK = 500
 
 _READY_SQL = ", ".join(f"'{s}'" for s in sorted(states.READY_STATES))
 _UPSERT = (
@@ -125,6 +132,32 @@ class SQLiteBackend(Backend):
              "meta": None if m is None else json.loads(m)}
             for s, ts, h, p, m in rows
         ]
+
+    def add_revoked(self, task_ids: Sequence[str], until: float) -> None:
+        conn = self.connections.get()
+        with write_transaction(conn):
+            conn.execute("DELETE FROM celeriac_revoked WHERE until < ?", (time.time(),))
+            conn.executemany("INSERT OR REPLACE INTO celeriac_revoked (task_id, until) "
+                             "VALUES (?, ?)", [(t, until) for t in task_ids])
+
+    def revoked(self) -> dict[str, float]:
+        rows = retry_busy(self._all, "SELECT task_id, until FROM celeriac_revoked "
+                          "WHERE until >= ?", (time.time(),))
+        return dict(rows)
+
+    def waiting(self, task_ids: Sequence[str]) -> list[str]:
+        found = []
+        for i in range(0, len(task_ids), CHUNK):
+            chunk = list(task_ids[i:i + CHUNK])
+            marks = ", ".join("?" * len(chunk))
+            stored = dict(retry_busy(self._all, "SELECT task_id, status FROM celeriac_task_meta "
+                                     f"WHERE task_id IN ({marks})", tuple(chunk)))
+            latest = dict(retry_busy(
+                self._all, "SELECT task_id, state FROM celeriac_task_history WHERE seq IN "
+                f"(SELECT MAX(seq) FROM celeriac_task_history WHERE task_id IN ({marks}) "
+                "GROUP BY task_id)", tuple(chunk)))
+            found += [t for t in chunk if states.is_waiting(stored.get(t), latest.get(t))]
+        return found
 
     def forget(self, task_id: str) -> None:
         check_task_id(task_id)

@@ -35,7 +35,7 @@ import aio_pika
 import amqp
 from aio_pika.abc import AbstractIncomingMessage
 
-from ..protocol import Message
+from ..protocol import CONTROL_EXCHANGE, Message, control_command, control_message
 from .base import Broker, Consumer
 
 log = logging.getLogger("celeriac.broker")
@@ -103,6 +103,22 @@ class AMQPBroker(Broker):
             channel = self._channel()
             self._declare(channel, message.queue)
             channel.basic_publish(_to_amqp(message), exchange="", routing_key=message.queue)
+
+        def reconnect() -> None:
+            self._local.channel = None
+
+        self.retrying(attempt, (OSError, amqp.exceptions.RecoverableConnectionError),
+                      reconnect)
+
+    def broadcast(self, command: dict[str, Any]) -> None:
+        def attempt() -> None:
+            channel = self._channel()
+            if CONTROL_EXCHANGE not in self._local.declared:
+                channel.exchange_declare(CONTROL_EXCHANGE, "fanout", durable=False,
+                                         auto_delete=False)
+                self._local.declared.add(CONTROL_EXCHANGE)
+            channel.basic_publish(_to_amqp(control_message(command)),
+                                  exchange=CONTROL_EXCHANGE, routing_key="")
 
         def reconnect() -> None:
             self._local.channel = None
@@ -246,6 +262,38 @@ class AMQPConsumer(Consumer):
             await queue.bind(exchange, routing_key=spec.routing_key)
             self._queues.append(queue)
         await self.resume()
+
+    async def control(self, handle: Callable[[dict[str, Any]], None],
+                      ready: Callable[[], None]) -> None:
+        """A queue of this process's own bound to ``celery.pidbox`` (declared as Celery
+        declares the exchange, and its queues: exclusive, auto-delete, x-expires 10 s,
+        x-message-ttl 300 s), on a connection of its own, consumed without acks."""
+        connection = await aio_pika.connect(_aio_url(self.broker.url), client_properties={
+            "connection_name": f"{self.name} control"})
+        try:
+            channel = await connection.channel()
+            exchange = await channel.declare_exchange(
+                CONTROL_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=False,
+                auto_delete=False)
+            queue = await channel.declare_queue(
+                f"{self.name}.celeriac.pidbox", exclusive=True, auto_delete=True,
+                arguments={"x-expires": 10000, "x-message-ttl": 300000})
+            await queue.bind(exchange, routing_key="")
+
+            async def receive(incoming: AbstractIncomingMessage) -> None:
+                try:
+                    handle(control_command(_from_aio(incoming, queue.name)))
+                except Exception:
+                    log.exception("remote-control message %r failed", incoming.body[:200])
+
+            await queue.consume(receive, no_ack=True)
+            ready()
+            while not channel.is_closed:
+                await asyncio.sleep(1.0)
+            raise ConnectionError("the control channel was closed")
+        finally:
+            with contextlib.suppress(Exception):
+                await connection.close()
 
     async def resume(self) -> None:
         async with self._switching:

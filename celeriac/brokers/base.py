@@ -11,6 +11,7 @@ delivered again (after a lease lapses, or when the connection drops).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from abc import ABC, abstractmethod
@@ -57,6 +58,15 @@ class Consumer(ABC):
         (epoch seconds), settling this delivery; False when the broker cannot, and the
         worker then waits for the ETA itself."""
         return False
+
+    async def control(self, handle: Callable[[dict[str, Any]], None],
+                      ready: Callable[[], None]) -> None:
+        """Pass each remote-control command broadcast to the workers (Celery's mailbox
+        body: ``{"method", "arguments", "destination", ...}``) to ``handle``, until
+        cancelled; call ``ready`` once listening.  Raises when the connection is lost
+        (the worker calls it again).  A broker without broadcasts just waits."""
+        ready()
+        await asyncio.Event().wait()
 
     async def pause(self) -> None:  # noqa: B027 - optional hook
         """The worker process cannot start more tasks for a while: a broker that pushes
@@ -123,6 +133,11 @@ class Broker(ABC):
             self.publish(message)
         finally:
             finish()
+
+    def broadcast(self, command: dict[str, Any]) -> None:  # noqa: B027 - optional hook
+        """Send a remote-control command to every worker (see ``celeriac.control``).  A
+        broker without broadcasts does nothing: its workers learn of revokes from the
+        result store's revoke record when they start."""
 
     def ping(self, timeout: float) -> None:  # noqa: B027 - a local store is always there
         """Connect once and let go; raises when the broker cannot be reached."""

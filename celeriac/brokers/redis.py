@@ -24,9 +24,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from typing import Any
 
@@ -35,8 +36,17 @@ import redis.asyncio as aioredis
 import redis.backoff
 import redis.retry
 
-from ..protocol import Message, decode_envelope, encode_envelope
+from ..protocol import (
+    CONTROL_EXCHANGE,
+    Message,
+    control_command,
+    control_message,
+    decode_envelope,
+    encode_envelope,
+)
 from .base import Broker, Consumer
+
+log = logging.getLogger("celeriac.broker")
 
 SEP = "\x06\x16"
 PRIORITY_STEPS = (0, 3, 6, 9)
@@ -212,6 +222,17 @@ class RedisBroker(Broker):
     def consumer(self, queues: Sequence[str], *, name: str, io: Executor) -> Consumer:
         return RedisConsumer(self, list(queues), name)
 
+    @property
+    def control_channel(self) -> str:
+        """kombu's fanout topic for Celery's control exchange: ``/<db>.celery.pidbox``."""
+        db = self.client.connection_pool.connection_kwargs.get("db", 0)
+        return f"/{db}.{CONTROL_EXCHANGE}"
+
+    def broadcast(self, command: dict[str, Any]) -> None:
+        payload = encode_envelope(control_message(command))
+        self.retrying(lambda: self.client.publish(self.control_channel, payload),
+                      (redis.ConnectionError, redis.TimeoutError), lambda: None)
+
     def dead_letters(self) -> list[dict[str, Any]]:
         return [json.loads(x) for x in self.client.lrange(DEAD_LETTERS, 0, -1)]
 
@@ -249,6 +270,28 @@ class RedisConsumer(Consumer):
             self._background = [loop.create_task(self._renew_forever()),
                                 loop.create_task(self._restore_forever())]
         return self._client
+
+    async def control(self, handle: Callable[[dict[str, Any]], None],
+                      ready: Callable[[], None]) -> None:
+        """PSUBSCRIBE to the control topic, as a Celery worker does (no wildcard)."""
+        client = async_client(self.broker.url)
+        pubsub = client.pubsub()
+        try:
+            await pubsub.psubscribe(self.broker.control_channel)
+            ready()
+            while True:
+                event = await pubsub.get_message(ignore_subscribe_messages=True,
+                                                 timeout=None)
+                if event is None or event.get("type") != "pmessage":
+                    continue
+                try:
+                    handle(control_command(decode_envelope(event["data"], "")))
+                except Exception:
+                    log.exception("remote-control message %r failed", event["data"][:200])
+        finally:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()
+                await client.aclose()
 
     async def get(self, limit: int, timeout: float) -> list[Message]:
         client = await self._connect()

@@ -4,6 +4,7 @@ Layout (inspect it with ``sqlite3 celeriac.db``)::
 
     celeriac_messages(id, queue, priority, visible_at, owner, deliveries, payload)
     celeriac_dead_letters(id, queue, payload, reason, failed_at)
+    celeriac_broadcasts(seq, body, sent_at)   remote-control commands, kept an hour
 
 ``payload`` is kombu's JSON envelope (the same bytes the Redis transport keeps in
 its lists).  A message is *waiting* when ``owner`` is NULL; a consumer takes a
@@ -13,13 +14,14 @@ on ack.  If its process dies the lease lapses and the next fetch takes the row
 again (``deliveries`` counts the hand-outs).  A message with an ``eta`` header is
 written with ``visible_at`` at that time, so it waits in the file, not in a worker.
 Publishers ring a bell (celeriac.bell) so idle consumers wake at once instead of
-polling.
+polling.  Each worker process reads new broadcasts every CONTROL_POLL seconds.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import sqlite3
 import time
@@ -63,7 +65,15 @@ CREATE TABLE IF NOT EXISTS celeriac_dead_letters (
     reason TEXT NOT NULL,
     failed_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS celeriac_broadcasts (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    body TEXT NOT NULL,
+    sent_at REAL NOT NULL
+);
 """
+#: How often a worker process reads new broadcasts (seconds), and how long they are kept.
+CONTROL_POLL = 0.25
+BROADCASTS_KEPT = 3600.0
 
 T = TypeVar("T")
 log = logging.getLogger("celeriac.broker")
@@ -132,6 +142,24 @@ class SQLiteBroker(Broker):
 
     def consumer(self, queues: Sequence[str], *, name: str, io: Executor) -> Consumer:
         return SQLiteConsumer(self, list(queues), name, io)
+
+    def broadcast(self, command: dict[str, Any]) -> None:
+        conn = self.connections.get()
+        with write_transaction(conn):
+            now = time.time()
+            conn.execute("DELETE FROM celeriac_broadcasts WHERE sent_at < ?",
+                         (now - BROADCASTS_KEPT,))
+            conn.execute("INSERT INTO celeriac_broadcasts (body, sent_at) VALUES (?, ?)",
+                         (json.dumps(command), now))
+
+    def broadcasts_after(self, seq: int | None) -> list[tuple[int, str]]:
+        """``(seq, body)`` of the broadcasts after ``seq``; None: only the newest seq."""
+        conn = self.connections.get()
+        if seq is None:
+            row = conn.execute("SELECT coalesce(max(seq), 0), '' FROM celeriac_broadcasts")
+            return [tuple(row.fetchone())]  # type: ignore[list-item]
+        return conn.execute("SELECT seq, body FROM celeriac_broadcasts WHERE seq > ? "
+                            "ORDER BY seq", (seq,)).fetchall()
 
     def dead_letters(self) -> list[tuple[str, str, bytes]]:
         """(queue, reason, payload) of every message set aside, oldest first."""
@@ -205,6 +233,19 @@ class SQLiteConsumer(Consumer):
         self._listener.drain()
         if self._rung is not None:
             self._rung.set()
+
+    async def control(self, handle: Callable[[dict[str, Any]], None],
+                      ready: Callable[[], None]) -> None:
+        [(last, _)] = await self._call(self.broker.broadcasts_after, None)
+        ready()
+        while True:
+            await asyncio.sleep(CONTROL_POLL)
+            for seq, body in await self._call(self.broker.broadcasts_after, last):
+                last = seq
+                try:
+                    handle(json.loads(body))
+                except Exception:
+                    log.exception("remote-control command %r failed", body)
 
     async def get(self, limit: int, timeout: float) -> list[Message]:
         rung = self._rung or self._start()

@@ -17,6 +17,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import states
 from ..backends.base import Record, history_entry
+from ..control import REVOKES_EXPIRE
 from ..exceptions import (
     CeleriacError,
     DecodeError,
@@ -47,7 +49,7 @@ from ..protocol import (
 )
 from ..serialization import accepted_content_types
 from ..task import Outcome, Request, Task, _current, execute_async, execute_sync
-from .execution import Interruptible, TaskThread
+from .execution import ActiveSlots, Interruptible, TaskThread
 
 if TYPE_CHECKING:
     from ..app import Celeriac
@@ -62,6 +64,8 @@ PARK_AFTER = 1.0
 #: is busy) is handed back to the queue for another process, and this process stops
 #: fetching until its thread is free.  Short tasks never wait this long.
 HAND_BACK_AFTER = 0.05
+#: Longest a starting worker process waits for the revoke record before it takes tasks.
+REVOKES_LOAD_WAIT = 10.0
 #: Exit status of a worker process that had to exit to stop a task (see STOP_GRACE).
 EXIT_STUCK = 3
 #: A write batch waits at most this long (seconds) for running tasks to add theirs,
@@ -84,6 +88,7 @@ class Writer:
         self._acks: list[Message] = []
         self._early: list[Message] = []
         self._waiters: list[asyncio.Future[None]] = []
+        self._after: list[Callable[[], None]] = []
         self._wake = asyncio.Event()
         self._progress = asyncio.Event()
         self._idle = asyncio.Event()
@@ -100,6 +105,11 @@ class Writer:
             self._early.append(message)
         else:
             self._acks.append(message)
+        self._kick()
+
+    def after(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once everything queued so far has been written."""
+        self._after.append(callback)
         self._kick()
 
     def written(self) -> asyncio.Future[None]:
@@ -151,14 +161,17 @@ class Writer:
             records, self._records = self._records, []
             acks, self._acks = self._acks, []
             waiters, self._waiters = self._waiters, []
+            after, self._after = self._after, []
             error = await self._write(records, acks)
+            for callback in after:
+                callback()
             for fut in waiters:
                 if not fut.done():
                     if error is None:
                         fut.set_result(None)
                     else:
                         fut.set_exception(error)
-            if not self._records and not self._acks and not self._early:
+            if not (self._records or self._acks or self._early or self._after):
                 self._idle.set()
 
     async def _write(self, records: list[Record], acks: list[Message]) -> BaseException | None:
@@ -240,7 +253,8 @@ async def _retrying(write: Any, what: str) -> BaseException | None:
 
 class WorkerProcess:
     def __init__(self, app: Celeriac, queues: list[str], hostname: str,
-                 task_thread: TaskThread, housekeeper: bool = False) -> None:
+                 task_thread: TaskThread, housekeeper: bool = False,
+                 slots: ActiveSlots | None = None) -> None:
         self.app = app
         self.housekeeper = housekeeper  # this process removes expired results
         self.queues = queues
@@ -249,9 +263,15 @@ class WorkerProcess:
         self.prefetch = max(1, int(app.conf.worker_prefetch_multiplier or 1))
         self.io = ThreadPoolExecutor(1, thread_name_prefix="celeriac-io")
         self.task_thread = task_thread
+        self.slots = slots  # early-acked tasks running, shown to the supervisor
         self._active: dict[str, Running] = {}  # task id -> the task running it
         #: a def task would not stop: the process is to be replaced once shut down
         self.stuck = False
+        #: revoked task ids -> when the revoke lapses (epoch s): from broadcasts, and
+        #: from the result store's revoke record when the control channel (re)connects
+        self.revoked: dict[str, float] = {}
+        self._revokes_loaded = asyncio.Event()
+        self._pruned = 0.0
         self.consumer: Consumer
         self.writer: Writer
         self.stopping = asyncio.Event()
@@ -260,6 +280,7 @@ class WorkerProcess:
         self._sync_slot = asyncio.Semaphore(1)
         self._paused = False  # handed a message back: fetch nothing until the thread is free
         self._started: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[None]] = set()
         self._writer_task: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ main loop
@@ -273,10 +294,15 @@ class WorkerProcess:
         self.writer = Writer(self)
         writer_task = self._writer_task = loop.create_task(self.writer.run())
         expirer = loop.create_task(self._expire_results()) if self.housekeeper else None
+        control = loop.create_task(self._listen())
         stop = loop.create_task(self.stopping.wait())
         first = asyncio.FIRST_COMPLETED
         broker_errors = 0
         try:
+            # no task starts before the revoke record is read (and broadcasts are heard)
+            loaded = loop.create_task(self._revokes_loaded.wait())
+            await asyncio.wait({loaded, stop}, timeout=REVOKES_LOAD_WAIT, return_when=first)
+            loaded.cancel()
             while not self.stopping.is_set():
                 # a hand-back can race with the thread freeing up: never stay paused idle
                 await self._unpause()
@@ -315,6 +341,7 @@ class WorkerProcess:
                     t.add_done_callback(self._finished)
         finally:
             stop.cancel()
+            control.cancel()
             if expirer is not None:
                 expirer.cancel()
             await self._shutdown()
@@ -336,6 +363,86 @@ class WorkerProcess:
                 continue
             if removed:
                 log.info("removed %d results older than %ss", removed, seconds)
+
+    # ------------------------------------------------------------------ remote control
+
+    async def _listen(self) -> None:
+        """Obey remote-control commands (``revoke``) for as long as the process runs."""
+        while True:
+            try:
+                await self.consumer.control(self.on_command, self._reload_revoked)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("listening for remote control failed (%r); retrying in 1s", exc)
+                await asyncio.sleep(1.0)
+
+    def _reload_revoked(self) -> None:
+        """Listening (again): read the revoke record, for revokes made meanwhile."""
+        async def load() -> None:
+            try:
+                found = await self.loop.run_in_executor(self.io, self.app.backend.revoked)
+            except Exception as exc:
+                log.warning("reading the revoked task ids failed: %r", exc)
+                found = {}
+            for task_id, until in found.items():
+                self.revoked[task_id] = max(until, self.revoked.get(task_id, 0.0))
+            self._revokes_loaded.set()
+
+        t = self.loop.create_task(load())
+        self._background.add(t)
+        t.add_done_callback(self._background.discard)
+
+    def on_command(self, body: dict[str, Any]) -> None:
+        """One remote-control command (Celery's mailbox body)."""
+        if not isinstance(body, dict):
+            return
+        destination = body.get("destination")
+        if destination and self.hostname not in destination:
+            return
+        method, arguments = body.get("method"), body.get("arguments") or {}
+        if method != "revoke":
+            log.debug("remote control command %r is not supported; ignored", method)
+            return
+        ids = arguments.get("task_id") or []
+        ids = [ids] if isinstance(ids, str) else [str(i) for i in ids]
+        until = time.time() + REVOKES_EXPIRE
+        for task_id in ids:
+            self.revoked[task_id] = until
+        log.info("Tasks flagged as revoked: %s", ", ".join(ids))
+        if arguments.get("terminate"):
+            for task_id in ids:
+                running = self._active.get(task_id)
+                if running is not None and not running.stop.done():
+                    log.warning("Terminating %s[%s] (revoked)", running.call.name, task_id)
+                    running.stop.set_result(Outcome(
+                        states.REVOKED, TaskRevokedError("terminated"), None, 0.0))
+        if time.time() - self._pruned > 60:
+            self._pruned = time.time()
+            self.revoked = {t: u for t, u in self.revoked.items() if u >= self._pruned}
+
+    async def _succeeded(self, call: TaskCall) -> bool:
+        """Whether SUCCESS is stored for the task (asked of messages delivered again: a
+        worker may have died after storing the result, before acking the message)."""
+        try:
+            stored = await self.loop.run_in_executor(
+                self.io, self.app.backend.stored_state, call.id)
+        except Exception as exc:
+            log.warning("could not read the state of task %s[%s] (%r); running it",
+                        call.name, call.id, exc)
+            return False
+        return stored == states.SUCCESS
+
+    def _is_revoked(self, task_id: str) -> bool:
+        until = self.revoked.get(task_id)
+        return until is not None and until >= time.time()
+
+    async def _discard_revoked(self, message: Message, task: Task[Any, Any], call: TaskCall,
+                               request: Request, ignore: bool) -> None:
+        log.info("Discarding revoked task: %s[%s]", call.name, call.id)
+        self.writer.ack(message)
+        await self._finish(task, call, request, Outcome(
+            states.REVOKED, TaskRevokedError("revoked"), None, 0.0), ignore=ignore)
 
     def _finished(self, t: asyncio.Task[None]) -> None:
         self._running.discard(t)
@@ -383,11 +490,20 @@ class WorkerProcess:
             return
         request = self._request(call, task)
         ignore = bool(request.ignore_result or task._option("ignore_result"))
+        if self._is_revoked(call.id):
+            await self._discard_revoked(message, task, call, request, ignore)
+            return
         if self._expired(call):
             self.writer.ack(message)
             await self._finish(task, call, request, Outcome(
                 states.REVOKED, TaskRevokedError("expired"), None, 0.0), ignore=ignore)
             log.info("Task %s[%s] expired: revoked", call.name, call.id)
+            return
+        acks_late = bool(task._option("acks_late"))
+        if acks_late and message.redelivered and await self._succeeded(call):
+            log.info("Task %s[%s] succeeded already: not run again (delivered again)",
+                     call.name, call.id)
+            self.writer.ack(message)
             return
         delay = self._eta_delay(call)
         if delay > PARK_AFTER and await self.consumer.park(message, time.time() + delay):
@@ -396,8 +512,10 @@ class WorkerProcess:
             return
         if delay > 0:
             await asyncio.sleep(delay)
+            if self._is_revoked(call.id):
+                await self._discard_revoked(message, task, call, request, ignore)
+                return
 
-        acks_late = bool(task._option("acks_late"))
         if task.is_async:
             self._start(message, call, task, request, acks_late, ignore)
             outcome = await self._execute(task, call, request)
@@ -407,6 +525,9 @@ class WorkerProcess:
                 await self.consumer.reject(message, requeue=True, reason="process busy")
                 return
             try:
+                if self._is_revoked(call.id):  # revoked while it waited for the thread
+                    await self._discard_revoked(message, task, call, request, ignore)
+                    return
                 self._start(message, call, task, request, acks_late, ignore)
                 outcome = await self._execute(task, call, request)
             finally:
@@ -595,6 +716,12 @@ class WorkerProcess:
         log.info("Task %s[%s] received", call.name, call.id)
         if not acks_late:
             self.writer.ack(message, early=True)
+            slot = None if self.slots is None else self.slots.take(call.id, call.name)
+            if slot is not None and me is not None:
+                # free once the task's last write is done (if the process dies first,
+                # the supervisor fails the task with WorkerLostError)
+                release = partial(self.slots.release, slot)  # type: ignore[union-attr]
+                me.add_done_callback(lambda _: self.writer.after(release))
         if not ignore and task._option("track_started"):
             self.writer.record(self.app.backend.prepare_record(
                 call.id, states.STARTED, {"pid": os.getpid(), "hostname": self.hostname},
@@ -700,11 +827,12 @@ def _exc_meta(value: Any) -> Any:
     return exception_to_dict(value) if isinstance(value, BaseException) else value
 
 
-def run_process(app: Celeriac, queues: list[str], hostname: str, housekeeper: bool) -> None:
+def run_process(app: Celeriac, queues: list[str], hostname: str, housekeeper: bool,
+                slots: ActiveSlots | None = None) -> None:
     """Entry point of a worker child process: the event loop runs on a thread of its
     own, and ``def`` tasks on this (the main) thread, where signals can interrupt them."""
     task_thread = TaskThread()
-    process = WorkerProcess(app, queues, hostname, task_thread, housekeeper)
+    process = WorkerProcess(app, queues, hostname, task_thread, housekeeper, slots)
     parent = os.getppid()
     loop_ready = threading.Event()
     failed: list[BaseException] = []

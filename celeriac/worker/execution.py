@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import asyncio
+import mmap
 import queue
 import signal
 import threading
@@ -128,3 +129,47 @@ class _Driven:
                         owner._task.uncancel()
             except BaseException as exc:
                 value, error = None, exc
+
+
+class ActiveSlots:
+    """The early-acked tasks a worker process is running, kept in memory it shares with
+    the supervisor: if the process dies, the supervisor reads what it was running and
+    stores FAILURE (WorkerLostError) for it, as no broker will deliver those again.
+
+    A slot is SLOT bytes: a flag byte (1: in use), then ``<task id>\\0<task name>``."""
+
+    SLOT = 512
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.memory = mmap.mmap(-1, count * self.SLOT)  # anonymous, shared across fork
+        self._free = list(range(count - 1, -1, -1))
+
+    def take(self, task_id: str, name: str) -> int | None:
+        """Note a task as running; its slot number (None when all are taken)."""
+        if not self._free:
+            return None
+        i = self._free.pop()
+        data = f"{task_id}\0{name}".encode()[: self.SLOT - 2] + b"\0"
+        start = i * self.SLOT
+        self.memory[start + 1:start + 1 + len(data)] = data
+        self.memory[start] = 1  # set last: a reader never sees a half-written slot in use
+        return i
+
+    def release(self, i: int) -> None:
+        self.memory[i * self.SLOT] = 0
+        self._free.append(i)
+
+    def running(self) -> list[tuple[str, str]]:
+        """``(task id, name)`` of every slot in use (the supervisor reads these)."""
+        found = []
+        for i in range(self.count):
+            start = i * self.SLOT
+            if self.memory[start] == 1:
+                raw = self.memory[start + 1:start + self.SLOT].split(b"\0")
+                found.append((raw[0].decode(errors="replace"),
+                              raw[1].decode(errors="replace")))
+        return found
+
+    def close(self) -> None:
+        self.memory.close()

@@ -12,8 +12,12 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
+from .. import states
 from ..conf import masked_url
+from ..exceptions import WorkerLostError
+from ..protocol import exception_to_dict
 from .consumer import run_process
+from .execution import ActiveSlots
 
 if TYPE_CHECKING:
     from ..app import Celeriac
@@ -65,26 +69,50 @@ def broker_reachable(app: Celeriac) -> bool:
             time.sleep(pause)
 
 
+def fail_lost_tasks(app: Celeriac, lost: list[tuple[str, str]], pid: int, how: str,
+                    hostname: str) -> None:
+    """Store FAILURE (WorkerLostError) for the early-acked tasks a dead worker process was
+    running (a task that stored its end already keeps it: ready states are final)."""
+    error = WorkerLostError(f"Worker exited prematurely: {how}.")
+    backend = app.backend
+    try:
+        records = [backend.prepare_record(task_id, states.FAILURE, error, hostname=hostname,
+                                          entry_meta={**exception_to_dict(error), "pid": pid})
+                   for task_id, _ in lost]
+        written = backend.record(records)
+    except Exception as exc:
+        log.error("could not store WorkerLostError for %d tasks of process %d: %r",
+                  len(lost), pid, exc)
+        return
+    for (task_id, name), done in zip(lost, written, strict=True):
+        if done:
+            log.error("Task %s[%s] raised unexpected: WorkerLostError('Worker exited "
+                      "prematurely: %s.')", name, task_id, how)
+
+
 def run_worker(app: Celeriac, *, concurrency: int, queues: list[str], hostname: str) -> int:
-    children: dict[int, tuple[int, float]] = {}  # pid -> (slot, started at)
+    # pid -> (slot, started at, the tasks it runs)
+    children: dict[int, tuple[int, float, ActiveSlots]] = {}
     stopping = False
+    slots_per_process = max(1, int(app.conf.worker_prefetch_multiplier or 1)) + 1
 
     def spawn(slot: int) -> None:
         app.close()  # no connection may be shared across fork
+        active = ActiveSlots(slots_per_process)
         pid = os.fork()
         if pid == 0:
             code = 0
             try:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 multiprocessing.current_process().name = f"Worker-{slot}"
-                run_process(app, queues, hostname, housekeeper=slot == 1)
+                run_process(app, queues, hostname, housekeeper=slot == 1, slots=active)
             except BaseException:
                 log.exception("worker process crashed")
                 code = 1
             finally:
                 logging.shutdown()
                 os._exit(code)
-        children[pid] = (slot, time.monotonic())
+        children[pid] = (slot, time.monotonic(), active)
 
     def on_signal(signum: int, _frame: object) -> None:
         nonlocal stopping
@@ -112,7 +140,11 @@ def run_worker(app: Celeriac, *, concurrency: int, queues: list[str], hostname: 
             pid, status = os.wait()
         except ChildProcessError:
             break
-        slot, started = children.pop(pid)
+        slot, started, active = children.pop(pid)
+        lost = active.running()
+        active.close()
+        if lost:
+            fail_lost_tasks(app, lost, pid, _describe(status), hostname)
         if stopping:
             continue
         log.error("worker process %d (Worker-%d) exited with %s; starting a new one",
@@ -131,5 +163,6 @@ def _kill(pid: int, sig: int) -> None:
 
 def _describe(status: int) -> str:
     if os.WIFSIGNALED(status):
-        return f"signal {signal.Signals(os.WTERMSIG(status)).name}"
+        number = os.WTERMSIG(status)
+        return f"signal {number} ({signal.Signals(number).name})"
     return f"exit code {os.WEXITSTATUS(status)}"

@@ -1,0 +1,171 @@
+"""Revoke with real workers on each broker: tasks waiting in the queue, tasks revoked
+while no worker was up (Celery#8888), terminate for running def and async tasks; and
+revokes crossing between Celery 5.7 and celeriac."""
+
+from __future__ import annotations
+
+import importlib
+import time
+from pathlib import Path
+
+import pytest
+
+from celeriac import states
+from celeriac.exceptions import TaskRevokedError
+
+from .conftest import CeleryWorker, Worker, write_module
+
+TASKS = """
+import asyncio
+import os
+import time
+from celeriac import Celery
+
+app = Celery('rtasks', broker=os.environ['TEST_BROKER'],
+             backend=os.environ.get('TEST_BACKEND') or None)
+app.conf.update(task_default_queue=os.environ['TEST_QUEUE'])
+
+
+@app.task(name='rtasks.touch')
+def touch(path):
+    open(path, 'a').close()
+    return path
+
+
+@app.task(name='rtasks.slow')
+def slow(seconds):
+    time.sleep(seconds)
+    return 'finished'
+
+
+@app.task(name='rtasks.async_slow')
+async def async_slow(seconds):
+    await asyncio.sleep(seconds)
+    return 'finished'
+"""
+
+
+def _states(result):
+    return [h["state"] for h in result.history]
+
+
+def _wait_for(predicate, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def rtasks(broker_env, project):
+    write_module(project, "rtasks", TASKS)
+    return importlib.import_module("rtasks")
+
+
+def test_a_task_revoked_while_no_worker_is_up_never_runs(rtasks, broker_env, project,
+                                                         workers):
+    """Celery#8888: the revoke is kept in the result store, so a worker that starts
+    afterwards discards the message.  REVOKED is stored at once."""
+    marker = project / "ran"
+    r = rtasks.touch.delay(str(marker))
+    later = rtasks.touch.apply_async((str(project / "ran-later"),), countdown=3)
+    r.revoke()
+    later.revoke()
+    assert r.state == states.REVOKED and later.state == states.REVOKED
+    with pytest.raises(TaskRevokedError):
+        r.get(timeout=1)
+    kept = rtasks.touch.delay(str(project / "kept"))
+
+    worker = Worker(project, "rtasks", env=broker_env)
+    workers.append(worker)
+    assert kept.get(timeout=20) == str(project / "kept")
+    worker.wait_for_log(f"Discarding revoked task: rtasks.touch[{r.id}]")
+    worker.wait_for_log(f"Discarding revoked task: rtasks.touch[{later.id}]", timeout=20)
+    assert not marker.exists() and not (project / "ran-later").exists()
+    assert _states(r) == [states.PENDING, states.REVOKED]
+    assert r.history[-1]["meta"]["exc_message"] == ["revoked"]
+
+
+def test_revoking_a_waiting_task_with_a_worker_up(rtasks, broker_env, project, workers):
+    workers.append(Worker(project, "rtasks", env=broker_env))
+    marker = project / "ran"
+    r = rtasks.touch.apply_async((str(marker),), countdown=2)
+    time.sleep(0.5)  # the worker has it (kept in the broker, or waited for)
+    rtasks.app.control.revoke([r.id])
+    assert r.state == states.REVOKED
+    workers[0].wait_for_log(f"Discarding revoked task: rtasks.touch[{r.id}]", timeout=20)
+    assert not marker.exists()
+    assert states.RECEIVED not in _states(r)
+
+
+def test_revoke_without_terminate_lets_a_running_task_finish(rtasks, broker_env, project,
+                                                             workers):
+    workers.append(Worker(project, "rtasks", env=broker_env))
+    r = rtasks.slow.delay(1.0)
+    _wait_for(lambda: states.RECEIVED in _states(r))
+    r.revoke()
+    assert r.get(timeout=20) == "finished"
+    assert r.state == states.SUCCESS
+
+
+@pytest.mark.parametrize("task", ["slow", "async_slow"])
+def test_terminate_stops_a_running_task(rtasks, broker_env, project, workers, task):
+    workers.append(Worker(project, "rtasks", env=broker_env))
+    r = getattr(rtasks, task).delay(30)
+    _wait_for(lambda: states.RECEIVED in _states(r))
+    began = time.monotonic()
+    r.revoke(terminate=True, signal="SIGKILL")
+    with pytest.raises(TaskRevokedError) as caught:
+        r.get(timeout=10)
+    assert time.monotonic() - began < 2.5
+    assert caught.value.args == ("terminated",)
+    assert r.state == states.REVOKED
+    assert _states(r)[-1] == states.REVOKED
+    assert rtasks.slow.delay(0).get(timeout=20) == "finished"  # the worker goes on
+    assert "replaced" not in workers[0].log
+
+
+# --------------------------------------------------------------------------- with Celery
+
+CELERY_TASKS = TASKS.replace("from celeriac import Celery", "from celery import Celery")
+
+
+@pytest.fixture
+def server_env(broker_env):
+    if broker_env["TEST_BROKER"].startswith("sqlite"):
+        pytest.skip("Celery has no embedded SQLite broker")
+    return broker_env
+
+
+def test_a_celery_worker_obeys_a_celeriac_revoke(rtasks, server_env, project: Path, workers):
+    write_module(project, "crtasks", CELERY_TASKS.replace("'rtasks'", "'crtasks'"))
+    workers.append(CeleryWorker(project, "crtasks", env=server_env, pool="prefork"))
+    r = rtasks.slow.delay(30)
+    workers[0].wait_for_log(f"Task rtasks.slow[{r.id}] received")
+    time.sleep(0.5)  # handed to the pool process
+    r.revoke(terminate=True, signal="SIGKILL")
+    workers[0].wait_for_log(f"Terminating {r.id} (9)")
+    with pytest.raises(TaskRevokedError):
+        r.get(timeout=10)
+    marker = project / "celery-ran"
+    waiting = rtasks.touch.apply_async((str(marker),), countdown=2)
+    time.sleep(0.5)
+    waiting.revoke()
+    workers[0].wait_for_log(f"Discarding revoked task: rtasks.touch[{waiting.id}]",
+                            timeout=20)
+    assert not marker.exists()
+
+
+def test_a_celeriac_worker_obeys_a_celery_revoke(rtasks, server_env, project: Path,
+                                                 workers):
+    import celery
+
+    workers.append(Worker(project, "rtasks", env=server_env))
+    capp = celery.Celery("sender", broker=server_env["TEST_BROKER"],
+                         backend=server_env["TEST_BACKEND"])
+    r = rtasks.slow.delay(30)
+    _wait_for(lambda: states.RECEIVED in _states(r))
+    capp.control.revoke(r.id, terminate=True, signal="SIGKILL")
+    with pytest.raises(TaskRevokedError):
+        r.get(timeout=10)
+    workers[0].wait_for_log(f"Terminating rtasks.slow[{r.id}]")
