@@ -344,6 +344,9 @@ class WorkerProcess:
             control.cancel()
             if expirer is not None:
                 expirer.cancel()
+            # let the control listener close its connection while the loop still runs
+            # (at asyncio.run's exit its client's own tasks would be cancelled under it)
+            await asyncio.wait({control}, timeout=5.0)
             await self._shutdown()
             writer_task.cancel()
 
