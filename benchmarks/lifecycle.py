@@ -22,6 +22,7 @@ their own (``--vhost``, default ``celeriac-bench``).  Do not run it while the te
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import signal
@@ -29,6 +30,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -120,85 +122,86 @@ def _app(directory: str, env: dict[str, str]) -> Any:
     return importlib.import_module("lctasks")
 
 
-def run_kills(kind: str, args: argparse.Namespace) -> dict[str, Any]:
-    directory = tempfile.mkdtemp(prefix="celeriac-kills-")
+@contextlib.contextmanager
+def project(kind: str, args: argparse.Namespace) -> Iterator[tuple[str, Setup, dict[str, str],
+                                                                  Any]]:
+    """A temporary directory with the tasks module, the stores set up, the workers'
+    environment, and the tasks module imported here."""
+    directory = tempfile.mkdtemp(prefix=f"celeriac-lifecycle-{kind}-")
     with open(os.path.join(directory, "lctasks.py"), "w") as f:
         f.write(TASKS)
     try:
         with Setup(kind, args, directory) as setup:
             env = dict(os.environ, LC_BROKER=setup.broker, LC_BACKEND=setup.backend,
                        LC_RUNS=os.path.join(directory, "runs"), PYTHONUNBUFFERED="1")
-            mod = _app(directory, env)
-            ids = [mod.work.delay(i).id for i in range(args.kills_n)]
-            backend = mod.app.backend
-            began = time.monotonic()
-            workers = [_worker(directory, env, 0)]
-            expected = args.kills_n * 0.05 / 2
-            for k in range(3):  # three kills spread over the run
-                time.sleep(expected / 4)
-                os.killpg(workers[-1].pid, signal.SIGKILL)
-                workers[-1].stop(grace=0)
-                workers.append(_worker(directory, env, k + 1))
-
-            def done() -> bool:
-                return sum(backend.stored_state(t) == "SUCCESS" for t in ids) == len(ids)
-
-            wait_until(done, args.timeout, step=1.0)
-            took = time.monotonic() - began
-            workers[-1].stop()
-            succeeded = sum(backend.stored_state(t) == "SUCCESS" for t in ids)
-            double = sum(1 for t in ids
-                         if [h["state"] for h in backend.history(t)].count("SUCCESS") > 1)
-            runs = Counter(_read(env["LC_RUNS"]).split())
-            logs = "".join(_read(w.log_path) for w in workers)
-            return {"broker": kind, "tasks": len(ids), "lost": len(ids) - succeeded,
-                    "double_success": double,
-                    "ran_again": sum(1 for c in runs.values() if c > 1),
-                    "skipped": logs.count("succeeded already: not run again"),
-                    "seconds": took}
+            yield directory, setup, env, _app(directory, env)
     finally:
         if not args.keep:
             shutil.rmtree(directory, ignore_errors=True)
+
+
+def run_kills(kind: str, args: argparse.Namespace) -> dict[str, Any]:
+    with project(kind, args) as (directory, setup, env, mod):
+        ids = [mod.work.delay(i).id for i in range(args.kills_n)]
+        backend = mod.app.backend
+        began = time.monotonic()
+        workers = [_worker(directory, env, 0)]
+        expected = args.kills_n * 0.05 / 2
+        for k in range(3):  # three kills spread over the run
+            time.sleep(expected / 4)
+            os.killpg(workers[-1].pid, signal.SIGKILL)
+            workers[-1].stop(grace=0)
+            workers.append(_worker(directory, env, k + 1))
+
+        def done() -> bool:
+            return sum(backend.stored_state(t) == "SUCCESS" for t in ids) == len(ids)
+
+        wait_until(done, args.timeout, step=1.0)
+        took = time.monotonic() - began
+        workers[-1].stop()
+        succeeded = sum(backend.stored_state(t) == "SUCCESS" for t in ids)
+        double = sum(1 for t in ids
+                     if [h["state"] for h in backend.history(t)].count("SUCCESS") > 1)
+        runs = Counter(_read(env["LC_RUNS"]).split())
+        logs = "".join(_read(w.log_path) for w in workers)
+        return {"broker": kind, "tasks": len(ids), "lost": len(ids) - succeeded,
+                "double_success": double,
+                "ran_again": sum(1 for c in runs.values() if c > 1),
+                "skipped": logs.count("succeeded already: not run again"),
+                "seconds": took}
 
 
 def run_countdown(kind: str, args: argparse.Namespace) -> dict[str, Any]:
-    directory = tempfile.mkdtemp(prefix="celeriac-countdown-")
-    with open(os.path.join(directory, "lctasks.py"), "w") as f:
-        f.write(TASKS)
-    try:
-        with Setup(kind, args, directory) as setup:
-            env = dict(os.environ, LC_BROKER=setup.broker, LC_BACKEND=setup.backend,
-                       LC_RUNS=os.path.join(directory, "runs"), PYTHONUNBUFFERED="1")
-            mod = _app(directory, env)
-            worker = _worker(directory, env, 0)
-            try:
-                assert mod.later.delay(0).get(timeout=30) == 0
-                before, processes = rss_mb(worker.pid)
-                began = time.monotonic()
-                ids = [mod.later.apply_async((i,), countdown=3600).id
-                       for i in range(args.countdown_n)]
-                sent = time.monotonic() - began
-                if kind == "redis":
-                    assert setup.redis is not None
-                    wait_until(lambda: setup.redis.client.llen("celery") == 0, 600, 0.5)
-                wait_until(lambda: _read(worker.log_path).count("kept in the broker")
-                           >= args.countdown_n if kind != "sqlite" else True, 600, 1.0)
-                time.sleep(2)
-                after, _ = rss_mb(worker.pid)
-                began = time.monotonic()
-                mod.app.control.revoke(ids)
-                revoke = time.monotonic() - began
-                revoked = sum(1 for t in ids[:: max(1, len(ids) // 1000)]
-                              if mod.app.backend.stored_state(t) == "REVOKED")
-            finally:
-                worker.stop()
-            return {"broker": kind, "tasks": len(ids), "processes": processes,
-                    "rss_before": before, "rss_after": after, "send_seconds": sent,
-                    "revoke_seconds": revoke, "revoked_sampled": revoked,
-                    "sampled": len(ids[:: max(1, len(ids) // 1000)])}
-    finally:
-        if not args.keep:
-            shutil.rmtree(directory, ignore_errors=True)
+    with project(kind, args) as (directory, setup, env, mod):
+        worker = _worker(directory, env, 0)
+        try:
+            assert mod.later.delay(0).get(timeout=30) == 0
+            before, processes = rss_mb(worker.pid)
+            began = time.monotonic()
+            ids = [mod.later.apply_async((i,), countdown=3600).id
+                   for i in range(args.countdown_n)]
+            sent = time.monotonic() - began
+            if kind == "redis":
+                assert setup.redis is not None
+                wait_until(lambda: setup.redis.client.llen("celery") == 0, 600, 0.5)
+            wait_until(lambda: _read(worker.log_path).count("kept in the broker")
+                       >= args.countdown_n if kind != "sqlite" else True, 600, 1.0)
+            time.sleep(2)
+            after, _ = rss_mb(worker.pid)
+            began = time.monotonic()
+            mod.app.control.revoke(ids)
+            revoke = time.monotonic() - began
+            time.sleep(3)  # the workers hear the broadcast and keep the ids
+            after_revoke, _ = rss_mb(worker.pid)
+            revoked = sum(1 for t in ids[:: max(1, len(ids) // 1000)]
+                          if mod.app.backend.stored_state(t) == "REVOKED")
+        finally:
+            worker.stop()
+        return {"broker": kind, "tasks": len(ids), "processes": processes,
+                "rss_before": before, "rss_after": after, "rss_after_revoke": after_revoke,
+                "send_seconds": sent,
+                "revoke_seconds": revoke, "revoked_sampled": revoked,
+                "sampled": len(ids[:: max(1, len(ids) // 1000)])}
 
 
 LABEL = {"sqlite": "embedded SQLite", "redis": "Redis + Redis results",
@@ -229,13 +232,14 @@ def render(kills: list[dict[str, Any]], countdown: list[dict[str, Any]]) -> str:
         "before and after, and one `app.control.revoke(ids)` of them all:",
         "",
         "| broker | tasks | worker RSS before, MB | after, MB | sent in s | revoke all, s "
-        "| REVOKED (sampled) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| REVOKED (sampled) | RSS after the revoke, MB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in countdown:
         lines.append(f"| {LABEL[r['broker']]} | {r['tasks']:,} | {r['rss_before']:.0f} | "
                      f"{r['rss_after']:.0f} | {r['send_seconds']:.1f} | "
-                     f"{r['revoke_seconds']:.1f} | {r['revoked_sampled']}/{r['sampled']} |")
+                     f"{r['revoke_seconds']:.1f} | {r['revoked_sampled']}/{r['sampled']} | "
+                     f"{r['rss_after_revoke']:.0f} |")
     return "\n".join(lines)
 
 

@@ -169,3 +169,14 @@ def test_a_celeriac_worker_obeys_a_celery_revoke(rtasks, server_env, project: Pa
     with pytest.raises(TaskRevokedError):
         r.get(timeout=10)
     workers[0].wait_for_log(f"Terminating rtasks.slow[{r.id}]")
+
+
+def test_a_celery_worker_runs_a_celeriac_eta_message(rtasks, server_env, project: Path,
+                                                     workers):
+    write_module(project, "crtasks", CELERY_TASKS.replace("'rtasks'", "'crtasks'"))
+    workers.append(CeleryWorker(project, "crtasks", env=server_env))
+    began = time.monotonic()
+    r = rtasks.touch.apply_async((str(project / "eta"),), countdown=2)
+    assert r.get(timeout=20) == str(project / "eta")
+    assert time.monotonic() - began >= 1.9
+    assert (project / "eta").exists()

@@ -400,10 +400,11 @@ class AMQPConsumer(Consumer):
         floor = min(self._unsettled, default=tags[-1] + 1)
         covered = sum(1 for t in tags if t < floor)
         try:
-            if covered:
-                await raw.basic_ack(tags[covered - 1], multiple=covered > 1, wait=False)
-            for t in tags[covered:]:
-                await raw.basic_ack(t, wait=False)
+            async with asyncio.timeout(5.0):  # a channel dying under us may never take it
+                if covered:
+                    await raw.basic_ack(tags[covered - 1], multiple=covered > 1, wait=False)
+                for t in tags[covered:]:
+                    await raw.basic_ack(t, wait=False)
         except Exception as exc:
             log.warning("could not ack %d message(s) (%r): the channel is gone; RabbitMQ "
                         "delivers them again", len(tags), exc)

@@ -461,6 +461,7 @@ class WorkerProcess:
                 t.cancel()
         if self._running:
             await asyncio.gather(*self._running, return_exceptions=True)
+        await asyncio.sleep(0)  # the finished tasks' callbacks queue their last writes
         if self._writer_task is not None and not self._writer_task.done():
             await self.writer.flushed()
         await self.consumer.close()
