@@ -29,6 +29,24 @@ def add_output_args(parser: argparse.ArgumentParser, sides: tuple[str, ...]) -> 
     parser.add_argument("--keep", action="store_true", help="keep the temp directories")
 
 
+def add_server_args(parser: argparse.ArgumentParser) -> None:
+    """Where the server benchmarks run: a Redis database and a RabbitMQ virtual host."""
+    parser.add_argument("--redis", default="redis://127.0.0.1:6379",
+                        help="the Redis server (no database number)")
+    parser.add_argument("--db", type=int, default=13,
+                        help="the Redis database to use (flushed before and after)")
+    parser.add_argument("--amqp", default="127.0.0.1:5672", help="the RabbitMQ server")
+    parser.add_argument("--vhost", default="celeriac-bench",
+                        help="RabbitMQ virtual host made for the run and deleted after it")
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    """How often the throughput runs repeat, and the untimed round trips first."""
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="runs of (a)/(b) per side; the table shows the median")
+    parser.add_argument("--warmup", type=int, default=20, help="untimed round trips first")
+
+
 def tool(name: str) -> str:
     """A console script of the running interpreter's environment (celery, celeriac)."""
     path = os.path.join(VENV_BIN, name)

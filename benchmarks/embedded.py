@@ -349,10 +349,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=5000, help="tasks for (a)/(b), celeriac")
     parser.add_argument("--celery-n", type=int, default=1000, help="tasks for (a)/(b), Celery")
-    parser.add_argument("--repeat", type=int, default=3,
-                        help="runs of (a)/(b) per side; the table shows the median")
     parser.add_argument("--samples", type=int, default=300, help="round trips, celeriac")
-    parser.add_argument("--warmup", type=int, default=20, help="untimed round trips first")
+    common.add_sampling_args(parser)
     parser.add_argument("--celery-samples", type=int, default=100,
                         help="round trips, Celery (each takes about 1 s with its defaults)")
     parser.add_argument("--celery-warmup", type=int, default=10)

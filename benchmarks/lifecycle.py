@@ -37,6 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import (  # noqa: E402
     Started,
+    add_server_args,
     command_line,
     machine_line,
     rss_mb,
@@ -253,10 +254,7 @@ def main() -> None:
     parser.add_argument("--kills-n", type=int, default=1000)
     parser.add_argument("--countdown-n", type=int, default=100_000)
     parser.add_argument("--timeout", type=float, default=180.0)
-    parser.add_argument("--redis", default="redis://127.0.0.1:6379")
-    parser.add_argument("--db", type=int, default=13)
-    parser.add_argument("--amqp", default="127.0.0.1:5672")
-    parser.add_argument("--vhost", default="celeriac-bench")
+    add_server_args(parser)
     parser.add_argument("--write", action="store_true")
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args()

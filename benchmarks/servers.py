@@ -811,20 +811,12 @@ def main() -> int:
     parser.add_argument("--no-confirm", action="store_true",
                         help="celeriac publishes without RabbitMQ publisher confirms, as "
                         "Celery does by default (its section gets -noconfirm)")
-    parser.add_argument("--redis", default="redis://127.0.0.1:6379",
-                        help="the Redis server (no database number)")
-    parser.add_argument("--db", type=int, default=13,
-                        help="the Redis database to use (flushed before and after each side)")
+    common.add_server_args(parser)
     parser.add_argument("--force", action="store_true",
                         help="flush the database even if it holds keys at the start")
-    parser.add_argument("--amqp", default="127.0.0.1:5672", help="the RabbitMQ server")
-    parser.add_argument("--vhost", default="celeriac-bench",
-                        help="RabbitMQ virtual host made for the run and deleted after it")
     parser.add_argument("--n", type=int, default=5000, help="tasks for (a)/(b), both sides")
-    parser.add_argument("--repeat", type=int, default=3,
-                        help="runs of (a)/(b) per side; the table shows the median")
     parser.add_argument("--samples", type=int, default=300, help="round trips per side")
-    parser.add_argument("--warmup", type=int, default=20, help="untimed round trips first")
+    common.add_sampling_args(parser)
     parser.add_argument("--drain-small", type=int, default=1000,
                         help="tasks in the small drain test (0: no drain tests)")
     parser.add_argument("--drain-small-repeat", type=int, default=3)

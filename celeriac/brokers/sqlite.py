@@ -152,14 +152,17 @@ class SQLiteBroker(Broker):
             conn.execute("INSERT INTO celeriac_broadcasts (body, sent_at) VALUES (?, ?)",
                          (json.dumps(command), now))
 
-    def broadcasts_after(self, seq: int | None) -> list[tuple[int, str]]:
-        """``(seq, body)`` of the broadcasts after ``seq``; None: only the newest seq."""
-        conn = self.connections.get()
-        if seq is None:
-            row = conn.execute("SELECT coalesce(max(seq), 0), '' FROM celeriac_broadcasts")
-            return [tuple(row.fetchone())]  # type: ignore[list-item]
-        return conn.execute("SELECT seq, body FROM celeriac_broadcasts WHERE seq > ? "
-                            "ORDER BY seq", (seq,)).fetchall()
+    def last_broadcast(self) -> int:
+        """The seq of the newest broadcast (0: none)."""
+        row = self.connections.get().execute(
+            "SELECT coalesce(max(seq), 0) FROM celeriac_broadcasts").fetchone()
+        return int(row[0])
+
+    def broadcasts_after(self, seq: int) -> list[tuple[int, str]]:
+        """``(seq, body)`` of the broadcasts after ``seq``, oldest first."""
+        return self.connections.get().execute(
+            "SELECT seq, body FROM celeriac_broadcasts WHERE seq > ? ORDER BY seq",
+            (seq,)).fetchall()
 
     def dead_letters(self) -> list[tuple[str, str, bytes]]:
         """(queue, reason, payload) of every message set aside, oldest first."""
@@ -236,7 +239,7 @@ class SQLiteConsumer(Consumer):
 
     async def control(self, handle: Callable[[dict[str, Any]], None],
                       ready: Callable[[], None]) -> None:
-        [(last, _)] = await self._call(self.broker.broadcasts_after, None)
+        last = await self._call(self.broker.last_broadcast)
         ready()
         while True:
             await asyncio.sleep(CONTROL_POLL)

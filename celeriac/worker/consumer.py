@@ -443,9 +443,14 @@ class WorkerProcess:
     async def _discard_revoked(self, message: Message, task: Task[Any, Any], call: TaskCall,
                                request: Request, ignore: bool) -> None:
         log.info("Discarding revoked task: %s[%s]", call.name, call.id)
+        await self._revoke_unrun(message, task, call, request, ignore, "revoked")
+
+    async def _revoke_unrun(self, message: Message, task: Task[Any, Any], call: TaskCall,
+                            request: Request, ignore: bool, reason: str) -> None:
+        """A task that will not run (revoked, expired): ack it and store REVOKED."""
         self.writer.ack(message)
         await self._finish(task, call, request, Outcome(
-            states.REVOKED, TaskRevokedError("revoked"), None, 0.0), ignore=ignore)
+            states.REVOKED, TaskRevokedError(reason), None, 0.0), ignore=ignore)
 
     def _finished(self, t: asyncio.Task[None]) -> None:
         self._running.discard(t)
@@ -498,10 +503,8 @@ class WorkerProcess:
             await self._discard_revoked(message, task, call, request, ignore)
             return
         if self._expired(call):
-            self.writer.ack(message)
-            await self._finish(task, call, request, Outcome(
-                states.REVOKED, TaskRevokedError("expired"), None, 0.0), ignore=ignore)
             log.info("Task %s[%s] expired: revoked", call.name, call.id)
+            await self._revoke_unrun(message, task, call, request, ignore, "expired")
             return
         acks_late = bool(task._option("acks_late"))
         if acks_late and message.redelivered and await self._succeeded(call):
