@@ -130,16 +130,14 @@ def test_terminate_stops_a_running_task(rtasks, broker_env, project, workers, ta
 CELERY_TASKS = TASKS.replace("from celeriac import Celery", "from celery import Celery")
 
 
-@pytest.fixture
-def server_env(broker_env):
-    if broker_env["TEST_BROKER"].startswith("sqlite"):
-        pytest.skip("Celery has no embedded SQLite broker")
-    return broker_env
+#: Celery has no embedded SQLite broker: the tests with Celery run on the servers only.
+on_servers = pytest.mark.parametrize("broker_env", ["redis", "amqp"], indirect=True)
 
 
-def test_a_celery_worker_obeys_a_celeriac_revoke(rtasks, server_env, project: Path, workers):
+@on_servers
+def test_a_celery_worker_obeys_a_celeriac_revoke(rtasks, broker_env, project: Path, workers):
     write_module(project, "crtasks", CELERY_TASKS.replace("'rtasks'", "'crtasks'"))
-    workers.append(CeleryWorker(project, "crtasks", env=server_env, pool="prefork"))
+    workers.append(CeleryWorker(project, "crtasks", env=broker_env, pool="prefork"))
     r = rtasks.slow.delay(30)
     workers[0].wait_for_log(f"Task rtasks.slow[{r.id}] received")
     time.sleep(0.5)  # handed to the pool process
@@ -156,13 +154,14 @@ def test_a_celery_worker_obeys_a_celeriac_revoke(rtasks, server_env, project: Pa
     assert not marker.exists()
 
 
-def test_a_celeriac_worker_obeys_a_celery_revoke(rtasks, server_env, project: Path,
+@on_servers
+def test_a_celeriac_worker_obeys_a_celery_revoke(rtasks, broker_env, project: Path,
                                                  workers):
     import celery
 
-    workers.append(Worker(project, "rtasks", env=server_env))
-    capp = celery.Celery("sender", broker=server_env["TEST_BROKER"],
-                         backend=server_env["TEST_BACKEND"])
+    workers.append(Worker(project, "rtasks", env=broker_env))
+    capp = celery.Celery("sender", broker=broker_env["TEST_BROKER"],
+                         backend=broker_env["TEST_BACKEND"])
     r = rtasks.slow.delay(30)
     _wait_for(lambda: states.RECEIVED in _states(r))
     capp.control.revoke(r.id, terminate=True, signal="SIGKILL")
@@ -171,10 +170,11 @@ def test_a_celeriac_worker_obeys_a_celery_revoke(rtasks, server_env, project: Pa
     workers[0].wait_for_log(f"Terminating rtasks.slow[{r.id}]")
 
 
-def test_a_celery_worker_runs_a_celeriac_eta_message(rtasks, server_env, project: Path,
+@on_servers
+def test_a_celery_worker_runs_a_celeriac_eta_message(rtasks, broker_env, project: Path,
                                                      workers):
     write_module(project, "crtasks", CELERY_TASKS.replace("'rtasks'", "'crtasks'"))
-    workers.append(CeleryWorker(project, "crtasks", env=server_env))
+    workers.append(CeleryWorker(project, "crtasks", env=broker_env))
     began = time.monotonic()
     r = rtasks.touch.apply_async((str(project / "eta"),), countdown=2)
     assert r.get(timeout=20) == str(project / "eta")
