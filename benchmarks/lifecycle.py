@@ -8,6 +8,13 @@ was written twice (counted in the history), tasks whose body ran more than once 
 mid-run and run again: at-least-once delivery), redelivered tasks skipped because SUCCESS
 was stored already.
 
+``hostloss``: a worker (``-c 2``, default 2 s heartbeats) runs 4 early-acked tasks that
+take minutes; a second worker is up; the first is SIGKILLed whole (supervisor and
+processes at once, as when its machine dies).  Reported: how many of the 4 became
+FAILURE (WorkerLostError), and how long after the kill the last one did (the documented
+bound is about 12 s).  Celery 5.7 on Redis is run the same way (``task_track_started``),
+and its tasks' state is read after the same wait plus a minute.
+
 ``countdown``: N tasks with a one-hour countdown are queued to a running worker: its
 memory (RSS of all its processes) before and after they have all been received and put
 back in the broker until due, and the time ``app.control.revoke(ids)`` takes to revoke
@@ -49,6 +56,7 @@ from _common import (  # noqa: E402
 from servers import RabbitVhost, RedisDB  # noqa: E402
 
 TASKS = """
+import asyncio
 import os
 import time
 from celeriac import Celery
@@ -69,7 +77,28 @@ def work(i):
 @app.task
 def later(i):
     return i
+
+
+@app.task(track_started=True)
+async def hang(seconds):
+    await asyncio.sleep(seconds)
 """
+
+CELERY_TASKS = """
+import os
+import time
+from celery import Celery
+
+app = Celery('lchost', broker=os.environ['LC_BROKER'], backend=os.environ['LC_BACKEND'])
+app.conf.update(task_track_started=True)
+
+
+@app.task
+def hang(seconds):
+    time.sleep(seconds)
+"""
+#: Early-acked tasks running on the worker that is killed whole.
+HOST_TASKS = 4
 
 
 class Setup:
@@ -98,8 +127,8 @@ class Setup:
             self.rabbit.delete()
 
 
-def _worker(directory: str, env: dict[str, str], n: int) -> Started:
-    w = Started([tool("celeriac"), "-A", "lctasks", "worker", "-c", "2", "-l", "INFO"],
+def _worker(directory: str, env: dict[str, str], n: int, *extra: str) -> Started:
+    w = Started([tool("celeriac"), "-A", "lctasks", "worker", "-c", "2", "-l", "INFO", *extra],
                 cwd=directory, env=env, log_path=os.path.join(directory, f"worker-{n}.log"))
     if not wait_until(lambda: "celeriac worker" in _read(w.log_path), 30):
         raise SystemExit(f"the worker did not start:\n{w.log_tail()}")
@@ -172,6 +201,72 @@ def run_kills(kind: str, args: argparse.Namespace) -> dict[str, Any]:
                 "seconds": took}
 
 
+def _all_in(backend: Any, ids: list[str], state: str) -> bool:
+    return all(backend.stored_state(t) == state for t in ids)
+
+
+def run_hostloss(kind: str, args: argparse.Namespace) -> dict[str, Any]:
+    with project(kind, args) as (directory, setup, env, mod):
+        backend = mod.app.backend
+        alpha = _worker(directory, env, 0, "-n", "alpha@%h")
+        beta = None
+        try:
+            ids = [mod.hang.delay(600).id for _ in range(HOST_TASKS)]
+            if not wait_until(lambda: _all_in(backend, ids, "STARTED"), 30, 0.05):
+                raise SystemExit(f"the tasks did not all start on alpha:\n{alpha.log_tail()}")
+            beta = _worker(directory, env, 1, "-n", "beta@%h")
+            time.sleep(1.0)
+            os.killpg(alpha.pid, signal.SIGKILL)
+            killed = time.monotonic()
+            wait_until(lambda: _all_in(backend, ids, "FAILURE"), 60, 0.05)
+            took = time.monotonic() - killed
+            failed = sum(backend.stored_state(t) == "FAILURE" for t in ids)
+        finally:
+            alpha.stop(grace=0)
+            if beta is not None:
+                beta.stop(grace=5)
+        return {"side": "celeriac", "broker": kind, "tasks": len(ids), "failed": failed,
+                "seconds": took}
+
+
+def run_hostloss_celery(args: argparse.Namespace, wait: float) -> dict[str, Any]:
+    """Celery 5.7 on Redis, the same way: what its tasks' state is ``wait`` s later."""
+    with project("redis", args) as (directory, setup, env, _mod):
+        with open(os.path.join(directory, "lchost.py"), "w") as f:
+            f.write(CELERY_TASKS)
+        from celery import Celery
+
+        app = Celery("lchost", broker=setup.broker, backend=setup.backend)
+        app.conf.update(task_track_started=True)
+
+        def worker(name: str) -> Started:
+            w = Started([tool("celery"), "-A", "lchost", "worker", "-c", "2", "-n",
+                         f"{name}@%h", "-l", "INFO", "--without-mingle", "--without-gossip"],
+                        cwd=directory, env=env, log_path=os.path.join(directory, f"{name}.log"))
+            if not wait_until(lambda: "ready." in _read(w.log_path), 60):
+                raise SystemExit(f"the Celery worker did not start:\n{w.log_tail()}")
+            return w
+
+        alpha, beta = worker("alpha"), None
+        try:
+            ids = [app.send_task("lchost.hang", (600,)).id for _ in range(2)]
+            started = lambda: all(app.AsyncResult(t).state == "STARTED" for t in ids)  # noqa: E731
+            if not wait_until(started, 30, 0.05):
+                raise SystemExit(f"the tasks did not start on Celery:\n{alpha.log_tail()}")
+            beta = worker("beta")
+            time.sleep(1.0)
+            os.killpg(alpha.pid, signal.SIGKILL)
+            time.sleep(wait)
+            found = Counter(app.AsyncResult(t).state for t in ids)
+        finally:
+            alpha.stop(grace=0)
+            if beta is not None:
+                beta.stop(grace=5)
+            app.close()
+        return {"side": "celery", "broker": "redis", "tasks": len(ids),
+                "failed": found.get("FAILURE", 0), "states": dict(found), "waited": wait}
+
+
 def run_countdown(kind: str, args: argparse.Namespace) -> dict[str, Any]:
     with project(kind, args) as (directory, setup, env, mod):
         worker = _worker(directory, env, 0)
@@ -209,7 +304,8 @@ LABEL = {"sqlite": "embedded SQLite", "redis": "Redis + Redis results",
          "amqp": "RabbitMQ + Redis results"}
 
 
-def render(kills: list[dict[str, Any]], countdown: list[dict[str, Any]]) -> str:
+def render(kills: list[dict[str, Any]], hostloss: list[dict[str, Any]],
+           countdown: list[dict[str, Any]]) -> str:
     lines = [
         "## Task lifecycle: worker kills and delayed tasks",
         "",
@@ -227,6 +323,24 @@ def render(kills: list[dict[str, Any]], countdown: list[dict[str, Any]]) -> str:
         lines.append(f"| {LABEL[r['broker']]} | {r['tasks']:,} | {r['lost']} | "
                      f"{r['double_success']} | {r['ran_again']} | {r['skipped']} | "
                      f"{r['seconds']:.1f} |")
+    lines += [
+        "",
+        "A worker (`-c 2`, heartbeats every 2 s) running early-acked tasks that take "
+        "minutes is SIGKILLed whole, supervisor included, as when its machine dies; "
+        "another worker is up:",
+        "",
+        "| side | broker | tasks running | became FAILURE (WorkerLostError) "
+        "| last one, s after the kill |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for r in hostloss:
+        if r["side"] == "celeriac":
+            lines.append(f"| celeriac | {LABEL[r['broker']]} | {r['tasks']} | {r['failed']} | "
+                         f"{r['seconds']:.1f} |")
+        else:
+            shown = ", ".join(f"{n} {s}" for s, n in sorted(r["states"].items()))
+            lines.append(f"| Celery 5.7 | {LABEL[r['broker']]} | {r['tasks']} | {r['failed']} "
+                         f"| never: {shown} {r['waited']:.0f} s after the kill |")
     lines += [
         "",
         "Tasks with a one-hour countdown sent to a running worker (`-c 2`); its memory "
@@ -249,6 +363,10 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kills", nargs="*", default=["sqlite", "redis", "amqp"],
                         choices=["sqlite", "redis", "amqp"])
+    parser.add_argument("--hostloss", nargs="*", default=["sqlite", "redis", "amqp"],
+                        choices=["sqlite", "redis", "amqp"])
+    parser.add_argument("--no-celery", action="store_true",
+                        help="skip Celery's host-loss run")
     parser.add_argument("--countdown", nargs="*", default=["sqlite", "redis"],
                         choices=["sqlite", "redis", "amqp"])
     parser.add_argument("--kills-n", type=int, default=1000)
@@ -261,10 +379,16 @@ def main() -> None:
     kills = [run_kills(k, args) for k in args.kills]
     for r in kills:
         print(r)
+    hostloss = [run_hostloss(k, args) for k in args.hostloss]
+    if not args.no_celery:
+        slowest = max((r["seconds"] for r in hostloss), default=12.0)
+        hostloss.append(run_hostloss_celery(args, slowest + 60))
+    for r in hostloss:
+        print(r)
     countdown = [run_countdown(k, args) for k in args.countdown]
     for r in countdown:
         print(r)
-    text = render(kills, countdown)
+    text = render(kills, hostloss, countdown)
     print(text)
     if args.write:
         write_section("lifecycle", text)

@@ -92,13 +92,20 @@ def main(app: str | None, broker: str | None, result_backend: str | None,
               help="Logging level; INFO shows each task received and finished.")
 @click.option("-n", "--hostname", default="celery@%h", show_default=True,
               help="Node name; %h is replaced by the host name.")
+@click.option("--heartbeat-interval", type=click.FloatRange(min=0.05), default=2.0,
+              show_default=True,
+              help="Seconds between the worker's heartbeats in the result store.  A worker "
+              "silent for 5 intervals is lost: another worker fails the tasks it was "
+              "running (WorkerLostError).")
 @click.pass_context
 def worker(ctx: click.Context, concurrency: int | None, queues: str | None, loglevel: str,
-           hostname: str) -> None:
+           hostname: str, heartbeat_interval: float) -> None:
     """Start a worker: a supervisor and N processes that each consume and run tasks.
 
     SIGTERM or Ctrl-C: stop taking messages, finish running tasks, exit (a second
-    one kills running tasks).  A process that dies is replaced.
+    one kills running tasks).  A process that dies is replaced; the running tasks of
+    a worker whose whole host died are failed by another worker (see
+    --heartbeat-interval).
     """
     from .worker.supervisor import run_worker, setup_logging
 
@@ -107,7 +114,8 @@ def worker(ctx: click.Context, concurrency: int | None, queues: str | None, logl
     n = concurrency or app.conf.worker_concurrency or os.cpu_count() or 1
     qs = _queues(queues) or app.default_queues()
     node = hostname.replace("%h", socket.gethostname())
-    sys.exit(run_worker(app, concurrency=n, queues=qs, hostname=node))
+    sys.exit(run_worker(app, concurrency=n, queues=qs, hostname=node,
+                        heartbeat_interval=heartbeat_interval))
 
 
 def _queues(option: str | None) -> list[str]:

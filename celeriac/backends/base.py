@@ -10,7 +10,9 @@ A backend keeps, per task id:
 
 A store implements five operations (``_get``, ``record``, ``history``, ``forget``,
 ``exists``); it may improve ``_wait_for_change`` and ``waiting``, and implement
-``cleanup`` and the revoke record (``add_revoked`` / ``revoked``).
+``cleanup``, the revoke record (``add_revoked`` / ``revoked``) and worker heartbeats
+(``heartbeat`` / ``stale_nodes`` / ``claim_node`` / ``forget_node``, with the
+:class:`Roster` that ``record`` takes).
 ``record`` is the only write: it applies a batch of :class:`Record`\\ s in order,
 and for each one that sets a state it must apply :func:`celeriac.states.may_replace`
 atomically with the write (a stored SUCCESS, FAILURE or REVOKED is never replaced),
@@ -28,6 +30,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from .. import serialization, states
@@ -47,6 +50,17 @@ class Record:
     state: str | None = None
     payload: bytes | None = None
     reply_to: str | None = None  # the caller's reply queue (for rpc://)
+
+
+@dataclass
+class Roster:
+    """Changes to the set of early-acked tasks a worker node is running, written with a
+    batch of records: ``started`` before them, ``ended`` after them.  A peer that finds
+    the node's heartbeat stale fails what the set still holds (WorkerLostError)."""
+
+    node: str
+    started: Sequence[str] = ()
+    ended: Sequence[str] = ()
 
 
 def history_entry(state: str, meta: Any = None, *, hostname: str | None = None,
@@ -92,8 +106,9 @@ class Backend(ABC):
         """The stored meta bytes, or None."""
 
     @abstractmethod
-    def record(self, records: Sequence[Record]) -> list[bool]:
-        """Apply writes in order; for each, whether its state (or history entry) was written."""
+    def record(self, records: Sequence[Record], roster: Roster | None = None) -> list[bool]:
+        """Apply writes in order; for each, whether its state (or history entry) was
+        written.  A store that keeps heartbeats applies ``roster`` in the same write."""
 
     def record_begin(self, records: Sequence[Record]) -> Callable[[], None]:
         """Start writing ``records`` and return a function that waits for the write to
@@ -102,9 +117,12 @@ class Backend(ABC):
         self.record(records)
         return _nothing
 
-    async def record_async(self, records: Sequence[Record], io: Executor) -> list[bool]:
+    async def record_async(self, records: Sequence[Record], io: Executor,
+                           roster: Roster | None = None) -> list[bool]:
         """:meth:`record` from a worker's event loop; by default on its ``io`` thread."""
-        return await asyncio.get_running_loop().run_in_executor(io, self.record, records)
+        write = partial(self.record, records) if roster is None else partial(
+            self.record, records, roster)  # (a store without heartbeats gets no roster)
+        return await asyncio.get_running_loop().run_in_executor(io, write)
 
     @abstractmethod
     def history(self, task_id: str) -> list[dict[str, Any]]:
@@ -144,6 +162,28 @@ class Backend(ABC):
                                  history[-1]["state"] if history else None):
                 found.append(task_id)
         return found
+
+    # ------------------------------------------------------------------ worker heartbeats
+
+    #: whether the store keeps worker heartbeats and rosters (a store that keeps nothing
+    #: across processes cannot tell a peer that a worker's host was lost)
+    keeps_heartbeats = False
+
+    def heartbeat(self, node: str, at: float) -> None:  # noqa: B027
+        """Note that worker ``node`` was alive at ``at`` (epoch seconds)."""
+
+    def stale_nodes(self, before: float) -> dict[str, float]:
+        """Worker nodes whose last heartbeat is older than ``before``, with its time."""
+        return {}
+
+    def claim_node(self, node: str, before: float, now: float) -> list[str] | None:
+        """Take over a node whose heartbeat is still older than ``before``: atomically
+        move its heartbeat to ``now`` (so no other peer takes it for a while) and return
+        the task ids of its roster; None when it beat meanwhile or another peer took it."""
+        return None
+
+    def forget_node(self, node: str) -> None:  # noqa: B027
+        """Remove the node's heartbeat and roster (it stopped, or it was taken over)."""
 
     def stored_state(self, task_id: str) -> str | None:
         """The stored state (None when nothing is stored)."""

@@ -5,6 +5,8 @@ Layout (``ls`` the directory)::
     celery-task-meta-<id>        the Celery meta, result_serializer bytes (Celery reads it)
     celeriac-task-history-<id>   the history, one JSON object per line, oldest first
     celeriac-revoked             revoked task ids, one ``<id> <until epoch s>`` per line
+    celeriac-workers/<node>      a worker node's last heartbeat (epoch s, as text)
+    celeriac-workers/<node>.tasks/<id>   an empty file per early-acked task it runs
 
 Unlike Celery's backend, a meta file is never written in place: the new bytes go
 to a temporary file in the same directory, are fsynced, and are renamed over the
@@ -21,6 +23,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -29,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from .. import serialization, states
 from ..exceptions import DecodeError, ImproperlyConfigured, UnsafeTaskId
 from ..protocol import check_task_id
-from .base import Backend, Record
+from .base import Backend, Record, Roster
 
 if TYPE_CHECKING:
     from ..app import Celeriac
@@ -37,6 +40,8 @@ if TYPE_CHECKING:
 META_PREFIX = "celery-task-meta-"
 HISTORY_PREFIX = "celeriac-task-history-"
 REVOKED_FILE = "celeriac-revoked"
+WORKERS_DIR = "celeriac-workers"
+ROSTER_SUFFIX = ".tasks"
 
 
 def directory_from_url(url: str) -> str:
@@ -51,6 +56,8 @@ def directory_from_url(url: str) -> str:
 
 
 class FileBackend(Backend):
+    keeps_heartbeats = True
+
     def __init__(self, app: Celeriac, url: str) -> None:
         super().__init__(app, url)
         self.directory = os.path.abspath(directory_from_url(url))
@@ -109,7 +116,21 @@ class FileBackend(Backend):
                 os.unlink(tmp)
             raise
 
-    def record(self, records: Sequence[Record]) -> list[bool]:
+    def record(self, records: Sequence[Record], roster: Roster | None = None) -> list[bool]:
+        if roster is not None and roster.started:
+            roster_dir = self._roster_dir(roster.node)
+            os.makedirs(roster_dir, exist_ok=True)
+            for task_id in roster.started:
+                os.close(os.open(os.path.join(roster_dir, check_task_id(task_id)),
+                                 os.O_WRONLY | os.O_CREAT, 0o644))
+        applied = self._record(records)
+        if roster is not None:
+            for task_id in roster.ended:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self._roster_dir(roster.node), check_task_id(task_id)))
+        return applied
+
+    def _record(self, records: Sequence[Record]) -> list[bool]:
         applied = []
         for r in records:
             with self._locked_history(r.task_id) as fd:
@@ -162,6 +183,72 @@ class FileBackend(Backend):
                 if float(until) >= now:
                     found[task_id] = float(until)
         return found
+
+    # ------------------------------------------------------------------ heartbeats
+
+    def _workers_dir(self) -> str:
+        return os.path.join(self.directory, WORKERS_DIR)
+
+    def _node_path(self, node: str) -> str:
+        return os.path.join(self._workers_dir(), check_task_id(node))
+
+    def _roster_dir(self, node: str) -> str:
+        return self._node_path(node) + ROSTER_SUFFIX
+
+    def _write_heartbeat(self, node: str, at: float) -> None:
+        path = self._node_path(node)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="ascii") as f:
+            f.write(repr(at))
+        os.replace(tmp, path)
+
+    def _read_heartbeat(self, node: str) -> float | None:
+        try:
+            with open(self._node_path(node), encoding="ascii") as f:
+                return float(f.read())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def heartbeat(self, node: str, at: float) -> None:
+        os.makedirs(self._workers_dir(), exist_ok=True)
+        self._write_heartbeat(node, at)
+
+    def stale_nodes(self, before: float) -> dict[str, float]:
+        try:
+            names = os.listdir(self._workers_dir())
+        except FileNotFoundError:
+            return {}
+        found = {}
+        for name in names:
+            if name.endswith((ROSTER_SUFFIX, ".tmp", ".lock")):
+                continue
+            with contextlib.suppress(UnsafeTaskId):
+                seen = self._read_heartbeat(name)
+                if seen is not None and seen < before:
+                    found[name] = seen
+        return found
+
+    def claim_node(self, node: str, before: float, now: float) -> list[str] | None:
+        fd = os.open(os.path.join(self._workers_dir(), ".lock"), os.O_WRONLY | os.O_CREAT,
+                     0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # among claimants; the node itself never waits
+            seen = self._read_heartbeat(node)
+            if seen is None or seen >= before:
+                return None
+            self._write_heartbeat(node, now)
+        finally:
+            os.close(fd)
+        try:
+            return sorted(os.listdir(self._roster_dir(node)))
+        except FileNotFoundError:
+            return []
+
+    def forget_node(self, node: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._node_path(node))
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(self._roster_dir(node))
 
     def forget(self, task_id: str) -> None:
         for path in (self._meta_path(task_id), self._history_path(task_id)):

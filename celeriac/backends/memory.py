@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import states
 from ..protocol import check_task_id
-from .base import Backend, Record
+from .base import Backend, Record, Roster
 
 if TYPE_CHECKING:
     from ..app import Celeriac
@@ -38,7 +38,8 @@ class MemoryBackend(Backend):
         found = self._mem.metas.get(task_id)
         return None if found is None else found[1]
 
-    def record(self, records: Sequence[Record]) -> list[bool]:
+    def record(self, records: Sequence[Record], roster: Roster | None = None) -> list[bool]:
+        # no heartbeats here: ``roster`` is not kept (see ``keeps_heartbeats``)
         applied = []
         with self._mem.cond:
             for r in records:

@@ -7,6 +7,9 @@ Layout (inspect with ``redis-cli``)::
     celeriac-task-history-<id>  LIST    the history, one JSON object per entry, same TTL
     celeriac-revoked            ZSET    revoked task ids, each scored with the epoch
                                         second its revoke lapses
+    celeriac-workers            ZSET    worker nodes, each scored with the epoch second
+                                        of its last heartbeat
+    celeriac-worker-tasks-<node> SET    the early-acked tasks the node is running
 
 Every state write also PUBLISHes the meta on the channel named like the key, as Celery
 does, so Celery's ``get()`` and celeriac's wake up at once.  The transition rule runs in
@@ -32,7 +35,7 @@ from .. import serialization, states
 from ..brokers.redis import async_client, sync_client
 from ..exceptions import TimeoutError
 from ..protocol import check_task_id
-from .base import Backend, Record
+from .base import Backend, Record, Roster
 
 if TYPE_CHECKING:
     from ..app import Celeriac
@@ -40,6 +43,8 @@ if TYPE_CHECKING:
 META_PREFIX = "celery-task-meta-"
 HISTORY_PREFIX = "celeriac-task-history-"
 REVOKED_KEY = "celeriac-revoked"
+WORKERS_KEY = "celeriac-workers"
+ROSTER_PREFIX = "celeriac-worker-tasks-"
 #: Ids per round trip when revoking many tasks at once.
 CHUNK = 1000
 #: Longest a waiter blocks on pub/sub before it reads the key again (missed messages).
@@ -70,6 +75,15 @@ return 1
 """
 
 
+# KEYS: workers, the node's roster.  ARGV: node, stale before, now.  Returns the
+# roster, or nil when the node beat meanwhile (or another peer claimed it first).
+_CLAIM = """
+local seen = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not seen or tonumber(seen) >= tonumber(ARGV[2]) then return false end
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+return redis.call('SMEMBERS', KEYS[2])
+"""
+
 log = logging.getLogger("celeriac.backend")
 
 
@@ -82,6 +96,7 @@ def history_key(task_id: str) -> str:
 
 
 class RedisBackend(Backend):
+    keeps_heartbeats = True
 
     def __init__(self, app: Celeriac, url: str) -> None:
         super().__init__(app, url)
@@ -115,14 +130,19 @@ class RedisBackend(Backend):
         value = self.client.get(self._meta_key(task_id))
         return None if value is None else _bytes(value)
 
-    def record(self, records: Sequence[Record]) -> list[bool]:
+    def record(self, records: Sequence[Record], roster: Roster | None = None) -> list[bool]:
         if not self._lua_reads_meta:
-            return [self._record_watched(r) for r in records]
+            if roster is not None:
+                self._roster_now(roster.node, roster.started, ())
+            applied = [self._record_watched(r) for r in records]
+            if roster is not None:
+                self._roster_now(roster.node, (), roster.ended)
+            return applied
         try:
-            return self._record_scripted(records)
+            return self._record_scripted(records, roster)
         except redis.exceptions.NoScriptError:  # the server restarted: load it again
             self.load_script()
-            return self._record_scripted(records)
+            return self._record_scripted(records, roster)
 
     @property
     def scripted(self) -> bool:
@@ -163,19 +183,20 @@ class RedisBackend(Backend):
 
         return finish
 
-    async def record_async(self, records: Sequence[Record], io: Executor) -> list[bool]:
+    async def record_async(self, records: Sequence[Record], io: Executor,
+                           roster: Roster | None = None) -> list[bool]:
         """One pipelined round trip on an asyncio client of the worker's loop (JSON
         metas); other serializers take the WATCH path on the ``io`` thread."""
         if not self._lua_reads_meta:
-            return await super().record_async(records, io)
+            return await super().record_async(records, io, roster)
         if self._aclient is None or self._aclient_pid != os.getpid():
             self._aclient, self._aclient_pid = async_client(self.url), os.getpid()
         for attempt in (1, 2):
             try:
                 async with self._aclient.pipeline(transaction=False) as pipe:
-                    self.queue_records(pipe, records)
+                    skip = self.queue_records(pipe, records, roster)
                     replies = await pipe.execute()
-                return self._applied(records, replies)
+                return self._applied(records, replies[skip:])
             except redis.exceptions.NoScriptError:  # the server restarted: load it again
                 if attempt == 2:
                     raise
@@ -199,22 +220,61 @@ class RedisBackend(Backend):
         for command in self._history_commands(records):
             pipe.execute_command(*command)
 
-    def queue_records(self, pipe: Any, records: Sequence[Record]) -> None:
-        """Queue the commands of :meth:`record` on ``pipe`` (sync or asyncio)."""
+    def queue_records(self, pipe: Any, records: Sequence[Record],
+                      roster: Roster | None = None) -> int:
+        """Queue the commands of :meth:`record` on ``pipe`` (sync or asyncio); returns
+        how many replies come before the records' own (the roster's additions)."""
         if not self._sha:
             self.client  # noqa: B018 - connects and loads the script
+        skip = 0
+        if roster is not None and roster.started:
+            pipe.sadd(self._roster_key(roster.node), *roster.started)
+            skip = 1
         for r in records:
             if r.state is None:
                 self.queue_history(pipe, [r])
             else:
                 pipe.evalsha(self._sha, 2, self._meta_key(r.task_id), self._history_key(r.task_id),
                              r.payload, _entry_json(r), self.ttl)
+        if roster is not None and roster.ended:
+            pipe.srem(self._roster_key(roster.node), *roster.ended)
+        return skip
 
-    def _record_scripted(self, records: Sequence[Record]) -> list[bool]:
+    def _record_scripted(self, records: Sequence[Record],
+                         roster: Roster | None = None) -> list[bool]:
         with self.client.pipeline(transaction=False) as pipe:
-            self.queue_records(pipe, records)
+            skip = self.queue_records(pipe, records, roster)
             replies = pipe.execute()
-        return self._applied(records, replies)
+        return self._applied(records, replies[skip:])
+
+    def _roster_key(self, node: str) -> str:
+        return self.prefix + ROSTER_PREFIX + node
+
+    def _roster_now(self, node: str, started: Sequence[str], ended: Sequence[str]) -> None:
+        """A roster change on its own (the WATCH path, which writes records one by one)."""
+        if started:
+            self.client.sadd(self._roster_key(node), *started)
+        if ended:
+            self.client.srem(self._roster_key(node), *ended)
+
+    def heartbeat(self, node: str, at: float) -> None:
+        self.client.zadd(self.prefix + WORKERS_KEY, {node: at})
+
+    def stale_nodes(self, before: float) -> dict[str, float]:
+        found: Any = self.client.zrangebyscore(self.prefix + WORKERS_KEY, "-inf",
+                                               f"({before}", withscores=True)
+        return {_bytes(k).decode(): float(v) for k, v in found}
+
+    def claim_node(self, node: str, before: float, now: float) -> list[str] | None:
+        keys = (self.prefix + WORKERS_KEY, self._roster_key(node))
+        found: Any = self.client.eval(_CLAIM, 2, *keys, node, before, now)
+        return None if found is None else sorted(_bytes(t).decode() for t in found)
+
+    def forget_node(self, node: str) -> None:
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.zrem(self.prefix + WORKERS_KEY, node)
+            pipe.delete(self._roster_key(node))
+            pipe.execute()
 
     def _applied(self, records: Sequence[Record], replies: list[Any]) -> list[bool]:
         """Whether each record was written, from the replies of :meth:`queue_records`."""

@@ -31,7 +31,7 @@ import amqp
 from .. import serialization, states
 from ..brokers.amqp import _parse
 from ..protocol import check_task_id
-from .base import PENDING_META, Backend, Record
+from .base import PENDING_META, Backend, Record, Roster
 
 if TYPE_CHECKING:
     from ..app import Celeriac
@@ -121,7 +121,8 @@ class RPCBackend(Backend):
             return dict(PENDING_META, task_id=task_id)
         return self.decode_meta(data)
 
-    def record(self, records: Sequence[Record]) -> list[bool]:
+    def record(self, records: Sequence[Record], roster: Roster | None = None) -> list[bool]:
+        # no heartbeats here: ``roster`` is not kept (see ``keeps_heartbeats``)
         applied = []
         with self._lock:
             for r in records:

@@ -5,6 +5,8 @@ Layout (inspect with ``sqlite3``)::
     celeriac_task_meta(task_id PRIMARY KEY, status, meta, updated_at)
     celeriac_task_history(seq, task_id, state, timestamp, hostname, pid, meta)
     celeriac_revoked(task_id PRIMARY KEY, until)   revoked ids, until when (epoch s)
+    celeriac_workers(node PRIMARY KEY, heartbeat)  worker nodes, last heartbeat (epoch s)
+    celeriac_worker_tasks(node, task_id)           early-acked tasks each node is running
 
 ``meta`` holds the Celery result bytes (``result_serializer``), the same bytes
 Celery's key-value backends store under ``celery-task-meta-<id>``; history
@@ -28,7 +30,7 @@ from .. import serialization, states
 from .._sqlite import ThreadConnections, path_from_url, retry_busy, write_transaction
 from ..bell import Bell, Listener, bell_dir
 from ..protocol import check_task_id
-from .base import Backend, Record
+from .base import Backend, Record, Roster
 
 if TYPE_CHECKING:
     from ..app import Celeriac
@@ -55,6 +57,15 @@ CREATE TABLE IF NOT EXISTS celeriac_revoked (
     task_id TEXT PRIMARY KEY,
     until REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS celeriac_workers (
+    node TEXT PRIMARY KEY,
+    heartbeat REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS celeriac_worker_tasks (
+    node TEXT NOT NULL,
+    task_id TEXT NOT NULL,
+    PRIMARY KEY (node, task_id)
+) WITHOUT ROWID;
 """
 #: Ids per statement when revoking many tasks at once (SQLite's variable limit).
 CHUNK = 500
@@ -75,6 +86,7 @@ WAIT_RECHECK = 0.25
 
 
 class SQLiteBackend(Backend):
+    keeps_heartbeats = True
 
     def __init__(self, app: Celeriac, url: str) -> None:
         super().__init__(app, url)
@@ -89,17 +101,23 @@ class SQLiteBackend(Backend):
                          (task_id,))
         return None if row is None else bytes(row[0])
 
-    def record(self, records: Sequence[Record]) -> list[bool]:
+    def record(self, records: Sequence[Record], roster: Roster | None = None) -> list[bool]:
         conn = self.connections.get()
         with write_transaction(conn):
-            applied = self.apply(conn, records)
+            applied = self.apply(conn, records, roster)
         self.after_commit(records)
         return applied
 
-    def apply(self, conn: Connection, records: Sequence[Record]) -> list[bool]:
+    def apply(self, conn: Connection, records: Sequence[Record],
+              roster: Roster | None = None) -> list[bool]:
         """The statements of :meth:`record`, inside a transaction the caller holds (the
         embedded broker uses this to write results and acks in one transaction).  Call
         :meth:`ensure_tables` before that transaction begins."""
+        if roster is not None:
+            conn.executemany("INSERT OR IGNORE INTO celeriac_worker_tasks (node, task_id) "
+                             "VALUES (?, ?)", [(roster.node, t) for t in roster.started])
+            conn.executemany("DELETE FROM celeriac_worker_tasks WHERE node = ? AND task_id = ?",
+                             [(roster.node, t) for t in roster.ended])
         applied: list[bool] = []
         for r in records:
             if r.state is not None:
@@ -144,6 +162,33 @@ class SQLiteBackend(Backend):
         rows = retry_busy(self._all, "SELECT task_id, until FROM celeriac_revoked "
                           "WHERE until >= ?", (time.time(),))
         return dict(rows)
+
+    def heartbeat(self, node: str, at: float) -> None:
+        conn = self.connections.get()
+        with write_transaction(conn):
+            conn.execute("INSERT OR REPLACE INTO celeriac_workers (node, heartbeat) "
+                         "VALUES (?, ?)", (node, at))
+
+    def stale_nodes(self, before: float) -> dict[str, float]:
+        return dict(retry_busy(self._all, "SELECT node, heartbeat FROM celeriac_workers "
+                               "WHERE heartbeat < ?", (before,)))
+
+    def claim_node(self, node: str, before: float, now: float) -> list[str] | None:
+        conn = self.connections.get()
+        with write_transaction(conn):
+            cur = conn.execute("UPDATE celeriac_workers SET heartbeat = ? "
+                               "WHERE node = ? AND heartbeat < ?", (now, node, before))
+            if cur.rowcount == 0:
+                return None
+            rows = conn.execute("SELECT task_id FROM celeriac_worker_tasks WHERE node = ? "
+                                "ORDER BY task_id", (node,)).fetchall()
+        return [r[0] for r in rows]
+
+    def forget_node(self, node: str) -> None:
+        conn = self.connections.get()
+        with write_transaction(conn):
+            conn.execute("DELETE FROM celeriac_workers WHERE node = ?", (node,))
+            conn.execute("DELETE FROM celeriac_worker_tasks WHERE node = ?", (node,))
 
     def waiting(self, task_ids: Sequence[str]) -> list[str]:
         found = []

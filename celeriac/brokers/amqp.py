@@ -32,6 +32,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import aio_pika
+import aiormq
 import amqp
 from aio_pika.abc import AbstractIncomingMessage
 
@@ -304,7 +305,7 @@ class AMQPConsumer(Consumer):
 
     def _receiver(self, name: str) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:
         async def receive(incoming: AbstractIncomingMessage) -> None:
-            if incoming.channel is self._raw and incoming.delivery_tag is not None:
+            if _on(incoming, self._raw) and incoming.delivery_tag is not None:
                 self._unsettled.add(incoming.delivery_tag)
             self._inbox.put_nowait(_from_aio(incoming, name))
 
@@ -325,7 +326,7 @@ class AMQPConsumer(Consumer):
         worker sharing the queue sees an ordinary message with an ``eta`` header."""
         incoming = message.tag
         channel = self._channel
-        if channel is None or incoming is None or incoming.channel is not self._raw:
+        if channel is None or incoming is None or not _on(incoming, self._raw):
             return False
         remaining = max(due - time.time(), 1.0)
         level = min(int(math.log2(remaining)), DELAY_LEVELS - 1)
@@ -390,7 +391,7 @@ class AMQPConsumer(Consumer):
         tag below the lowest delivery still unsettled, the rest go one by one.  Acks are
         one-way frames, queued on the connection without waiting for the write."""
         raw = self._raw
-        tags = sorted(m.tag.delivery_tag for m in messages if m.tag.channel is raw)
+        tags = sorted(m.tag.delivery_tag for m in messages if _on(m.tag, raw))
         if len(tags) < len(messages):
             log.warning("could not ack %d message(s): their channel is gone; RabbitMQ "
                         "delivers them again", len(messages) - len(tags))
@@ -432,3 +433,12 @@ class AMQPConsumer(Consumer):
             # closing the channel hands every unacked delivery back to RabbitMQ
             await self._connection.close()
             self._connection = None
+
+
+def _on(incoming: AbstractIncomingMessage, channel: Any) -> bool:
+    """Whether a delivery came on ``channel`` and it is still open (a delivery whose
+    channel closed cannot be settled: RabbitMQ delivers it again)."""
+    try:
+        return incoming.channel is channel
+    except aiormq.exceptions.ChannelInvalidStateError:
+        return False

@@ -26,7 +26,7 @@ T = TypeVar("T")
 log = logging.getLogger("celeriac.broker")
 
 if TYPE_CHECKING:
-    from ..backends.base import Backend, Record
+    from ..backends.base import Backend, Record, Roster
 
 
 class Consumer(ABC):
@@ -76,13 +76,14 @@ class Consumer(ABC):
         """The worker process can take messages again."""
 
     async def settle(self, backend: Backend, records: Sequence[Record],
-                     acks: Sequence[Message], io: Executor) -> None:
-        """Write ``records`` to the result backend (on the ``io`` thread), then ack ``acks``.
+                     acks: Sequence[Message], io: Executor,
+                     roster: Roster | None = None) -> None:
+        """Write ``records`` (and ``roster``) to the result backend, then ack ``acks``.
 
         A consumer whose broker shares a store with the backend may do both at once.
         """
-        if records:
-            await backend.record_async(records, io)
+        if records or roster is not None:
+            await backend.record_async(records, io, roster)
         if acks:
             await self.ack(acks)
 

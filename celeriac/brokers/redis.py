@@ -381,17 +381,17 @@ class RedisConsumer(Consumer):
         return message
 
     async def settle(self, backend: Any, records: Sequence[Any], acks: Sequence[Message],
-                     io: Executor) -> None:
+                     io: Executor, roster: Any = None) -> None:
         from ..backends.redis import RedisBackend
 
         if not (isinstance(backend, RedisBackend) and backend.url == self.broker.url
                 and backend.scripted):
-            await super().settle(backend, records, acks, io)
+            await super().settle(backend, records, acks, io, roster)
             return
         client = await self._connect()
         tags = [m.tag for m in acks if m.tag]
         async with client.pipeline(transaction=False) as pipe:  # one round trip for all
-            backend.queue_records(pipe, records)
+            backend.queue_records(pipe, records, roster)
             if tags:
                 pipe.zrem(UNACKED_INDEX, *tags)
                 pipe.hdel(UNACKED, *tags)

@@ -43,7 +43,7 @@ from ..protocol import Message, decode_envelope, encode_envelope
 from .base import Broker, Consumer
 
 if TYPE_CHECKING:
-    from ..backends.base import Backend, Record
+    from ..backends.base import Backend, Record, Roster
     from ..backends.sqlite import SQLiteBackend
 
 SCHEMA = """
@@ -315,20 +315,22 @@ class SQLiteConsumer(Consumer):
         self._held.difference_update(ids)
 
     async def settle(self, backend: Backend, records: Sequence[Record],
-                     acks: Sequence[Message], io: Executor) -> None:
+                     acks: Sequence[Message], io: Executor,
+                     roster: Roster | None = None) -> None:
         from ..backends.sqlite import SQLiteBackend
 
         if not (isinstance(backend, SQLiteBackend) and backend.path == self.broker.path):
-            await super().settle(backend, records, acks, io)
+            await super().settle(backend, records, acks, io, roster)
             return
-        await self._call(self._settle, backend, records, [m.tag for m in acks])
+        await self._call(self._settle, backend, records, [m.tag for m in acks], roster)
 
-    def _settle(self, backend: SQLiteBackend, records: Sequence[Record], ids: list[int]) -> None:
+    def _settle(self, backend: SQLiteBackend, records: Sequence[Record], ids: list[int],
+                roster: Roster | None) -> None:
         """Results and acks in one transaction: the broker and the backend share the file."""
         backend.ensure_tables()
         conn = self.broker.connections.get()
         with write_transaction(conn, wait=False):
-            backend.apply(conn, records)
+            backend.apply(conn, records, roster)
             conn.executemany(
                 "DELETE FROM celeriac_messages WHERE id = ? AND owner = ?",
                 [(i, self.name) for i in ids],

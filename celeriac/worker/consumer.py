@@ -25,7 +25,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from .. import states
-from ..backends.base import Record, history_entry
+from ..backends.base import Record, Roster, history_entry
 from ..control import REVOKES_EXPIRE
 from ..exceptions import (
     CeleriacError,
@@ -68,6 +68,8 @@ HAND_BACK_AFTER = 0.05
 REVOKES_LOAD_WAIT = 10.0
 #: Exit status of a worker process that had to exit to stop a task (see STOP_GRACE).
 EXIT_STUCK = 3
+#: Exit status of a worker process whose writer failed (a bug: see the log).
+EXIT_WRITER_FAILED = 4
 #: A write batch waits at most this long (seconds) for running tasks to add theirs,
 #: and stops waiting once it holds this many records.
 COALESCE_FOR = 0.002
@@ -89,6 +91,9 @@ class Writer:
         self._early: list[Message] = []
         self._waiters: list[asyncio.Future[None]] = []
         self._after: list[Callable[[], None]] = []
+        #: task id -> whether it is running, since the last batch (the node's roster)
+        self._roster: dict[str, bool] = {}
+        self._noted: set[str] = set()  # ids the stored roster holds, as far as we wrote
         self._wake = asyncio.Event()
         self._progress = asyncio.Event()
         self._idle = asyncio.Event()
@@ -106,6 +111,29 @@ class Writer:
         else:
             self._acks.append(message)
         self._kick()
+
+    def running(self, task_id: str) -> None:
+        """An early-acked task started: note it in the node's roster with the records
+        queued so far (so a peer can fail it if this host is lost)."""
+        self._roster[task_id] = True
+
+    def ended(self, task_id: str) -> None:
+        """The task's last write is queued: drop it from the roster with (or after) it."""
+        self._roster[task_id] = False
+        self._kick()
+
+    def _take_roster(self) -> Roster | None:
+        """The roster change of this batch; a task that started and ended since the last
+        batch (most short tasks) costs nothing."""
+        node = self.process.node
+        changes, self._roster = self._roster, {}
+        if node is None:
+            return None
+        started = [t for t, on in changes.items() if on and t not in self._noted]
+        ended = [t for t, on in changes.items() if not on and t in self._noted]
+        self._noted.update(started)
+        self._noted.difference_update(ended)
+        return Roster(node, started, ended) if started or ended else None
 
     def after(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` once everything queued so far has been written."""
@@ -162,7 +190,10 @@ class Writer:
             acks, self._acks = self._acks, []
             waiters, self._waiters = self._waiters, []
             after, self._after = self._after, []
-            error = await self._write(records, acks)
+            roster = self._take_roster()
+            error = None
+            if records or acks or roster is not None:
+                error = await self._write(records, acks, roster)
             for callback in after:
                 callback()
             for fut in waiters:
@@ -171,10 +202,12 @@ class Writer:
                         fut.set_result(None)
                     else:
                         fut.set_exception(error)
-            if not (self._records or self._acks or self._early or self._after):
+            if not (self._records or self._acks or self._early or self._after
+                    or self._roster):
                 self._idle.set()
 
-    async def _write(self, records: list[Record], acks: list[Message]) -> BaseException | None:
+    async def _write(self, records: list[Record], acks: list[Message],
+                     roster: Roster | None) -> BaseException | None:
         """Write a batch; returns the error that made a record fail for good, if any.
 
         First all of it at once (one transaction where the stores allow).  If that fails,
@@ -185,16 +218,24 @@ class Writer:
         settle = self.process.consumer.settle
         backend, io = self.process.app.backend, self.process.io
         try:
-            await settle(backend, records, acks, io)
+            await settle(backend, records, acks, io, roster)
             return None
         except Exception as exc:
             log.warning("writing %d results and %d acks failed (%r); writing them one by one",
                         len(records), len(acks), exc)
         error: BaseException | None = None
+        if roster is not None and roster.started:
+            await _retrying(partial(settle, backend, [], [], io, Roster(roster.node,
+                                                                        roster.started)),
+                            "the worker's roster")
         for record in records:
             failed = await _retrying(partial(settle, backend, [record], [], io),
                                      f"the {record.entry['state']} of task {record.task_id}")
             error = error or failed
+        if roster is not None and roster.ended:
+            await _retrying(partial(settle, backend, [], [], io, Roster(roster.node, (),
+                                                                        roster.ended)),
+                            "the worker's roster")
         if acks:
             await _retrying(partial(settle, backend, [], acks, io), f"{len(acks)} acks")
         return error
@@ -254,8 +295,11 @@ async def _retrying(write: Any, what: str) -> BaseException | None:
 class WorkerProcess:
     def __init__(self, app: Celeriac, queues: list[str], hostname: str,
                  task_thread: TaskThread, housekeeper: bool = False,
-                 slots: ActiveSlots | None = None) -> None:
+                 slots: ActiveSlots | None = None, node: str | None = None) -> None:
         self.app = app
+        #: the worker node (supervisor) whose heartbeats cover this process's early-acked
+        #: tasks: they are noted in its roster (None: no heartbeats, as in tests)
+        self.node = node if app.backend.keeps_heartbeats else None
         self.housekeeper = housekeeper  # this process removes expired results
         self.queues = queues
         self.hostname = hostname
@@ -282,6 +326,8 @@ class WorkerProcess:
         self._started: set[asyncio.Task[None]] = set()
         self._background: set[asyncio.Task[None]] = set()
         self._writer_task: asyncio.Task[None] | None = None
+        #: exits the process at once (set when it is a worker's own process)
+        self.exit_now: Callable[[int], None] | None = None
 
     # ------------------------------------------------------------------ main loop
 
@@ -293,6 +339,7 @@ class WorkerProcess:
         self.consumer = self.app.broker.consumer(self.queues, name=name, io=self.io)
         self.writer = Writer(self)
         writer_task = self._writer_task = loop.create_task(self.writer.run())
+        writer_task.add_done_callback(self._writer_ended)
         expirer = loop.create_task(self._expire_results()) if self.housekeeper else None
         control = loop.create_task(self._listen())
         stop = loop.create_task(self.stopping.wait())
@@ -349,6 +396,18 @@ class WorkerProcess:
             await asyncio.wait({control}, timeout=5.0)
             await self._shutdown()
             writer_task.cancel()
+
+    def _writer_ended(self, t: asyncio.Task[None]) -> None:
+        """The writer only ends at shutdown; if a bug ends it sooner, nothing this process
+        does can be written any more: it exits at once (in a worker's own process), and
+        its supervisor fails its running tasks and starts a new one."""
+        if t.cancelled():
+            return
+        log.critical("the writer of this worker process failed; the process exits",
+                     exc_info=t.exception())
+        if self.exit_now is not None:
+            self.exit_now(EXIT_WRITER_FAILED)
+        self.stopping.set()
 
     async def _expire_results(self) -> None:
         """``result_expires``: remove ready results older than that, every half of it
@@ -722,19 +781,27 @@ class WorkerProcess:
                 hostname=self.hostname)))
         log.info("Task %s[%s] received", call.name, call.id)
         if not acks_late:
+            # No broker will deliver it again: if this process dies, the supervisor fails
+            # it (its slot); if the whole host is lost, a peer does (the node's roster).
             self.writer.ack(message, early=True)
+            if not ignore:
+                self.writer.running(call.id)
             slot = None if self.slots is None else self.slots.take(call.id, call.name)
-            if slot is not None and me is not None:
-                # free once the task's last write is done (if the process dies first,
-                # the supervisor fails the task with WorkerLostError)
-                release = partial(self.slots.release, slot)  # type: ignore[union-attr]
-                me.add_done_callback(lambda _: self.writer.after(release))
+            if me is not None:
+                me.add_done_callback(partial(self._ended, call.id, ignore, slot))
         if not ignore and task._option("track_started"):
             self.writer.record(self.app.backend.prepare_record(
                 call.id, states.STARTED, {"pid": os.getpid(), "hostname": self.hostname},
                 request=request.info(), hostname=self.hostname,
                 entry_meta={"pid": os.getpid(), "hostname": self.hostname},
             ))
+
+    def _ended(self, task_id: str, ignore: bool, slot: int | None, _: object) -> None:
+        """An early-acked task's handling is over: its last write is queued."""
+        if not ignore:
+            self.writer.ended(task_id)
+        if slot is not None and self.slots is not None:
+            self.writer.after(partial(self.slots.release, slot))
 
     async def _finish(self, task: Task[Any, Any], call: TaskCall, request: Request,
                       outcome: Outcome, ignore: bool) -> None:
@@ -835,11 +902,17 @@ def _exc_meta(value: Any) -> Any:
 
 
 def run_process(app: Celeriac, queues: list[str], hostname: str, housekeeper: bool,
-                slots: ActiveSlots | None = None) -> None:
+                slots: ActiveSlots | None = None, node: str | None = None) -> None:
     """Entry point of a worker child process: the event loop runs on a thread of its
     own, and ``def`` tasks on this (the main) thread, where signals can interrupt them."""
     task_thread = TaskThread()
-    process = WorkerProcess(app, queues, hostname, task_thread, housekeeper, slots)
+    process = WorkerProcess(app, queues, hostname, task_thread, housekeeper, slots, node)
+
+    def exit_now(code: int) -> None:
+        logging.shutdown()
+        os._exit(code)
+
+    process.exit_now = exit_now
     parent = os.getppid()
     loop_ready = threading.Event()
     failed: list[BaseException] = []

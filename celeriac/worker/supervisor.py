@@ -7,17 +7,18 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import select
 import signal
 import sys
 import time
 from typing import TYPE_CHECKING
 
-from .. import states
+from ..backends.base import Roster
 from ..conf import masked_url
 from ..exceptions import WorkerLostError
-from ..protocol import exception_to_dict
 from .consumer import run_process
 from .execution import ActiveSlots
+from .heartbeat import DEFAULT_INTERVAL, Heart, node_id, store_lost
 
 if TYPE_CHECKING:
     from ..app import Celeriac
@@ -69,32 +70,20 @@ def broker_reachable(app: Celeriac) -> bool:
             time.sleep(pause)
 
 
-def fail_lost_tasks(app: Celeriac, lost: list[tuple[str, str]], pid: int, how: str,
-                    hostname: str) -> None:
-    """Store FAILURE (WorkerLostError) for the early-acked tasks a dead worker process was
-    running (a task that stored its end already keeps it: ready states are final)."""
-    error = WorkerLostError(f"Worker exited prematurely: {how}.")
-    backend = app.backend
-    try:
-        records = [backend.prepare_record(task_id, states.FAILURE, error, hostname=hostname,
-                                          entry_meta={**exception_to_dict(error), "pid": pid})
-                   for task_id, _ in lost]
-        written = backend.record(records)
-    except Exception as exc:
-        log.error("could not store WorkerLostError for %d tasks of process %d: %r",
-                  len(lost), pid, exc)
-        return
-    for (task_id, name), done in zip(lost, written, strict=True):
-        if done:
-            log.error("Task %s[%s] raised unexpected: WorkerLostError('Worker exited "
-                      "prematurely: %s.')", name, task_id, how)
-
-
-def run_worker(app: Celeriac, *, concurrency: int, queues: list[str], hostname: str) -> int:
+def run_worker(app: Celeriac, *, concurrency: int, queues: list[str], hostname: str,
+               heartbeat_interval: float = DEFAULT_INTERVAL) -> int:
     # pid -> (slot, started at, the tasks it runs)
     children: dict[int, tuple[int, float, ActiveSlots]] = {}
+    respawn: dict[int, float] = {}  # slot -> when to start its next process (monotonic)
     stopping = False
     slots_per_process = max(1, int(app.conf.worker_prefetch_multiplier or 1)) + 1
+    node = node_id(hostname)
+    heart = (Heart(app, node, hostname, heartbeat_interval)
+             if app.backend.keeps_heartbeats else None)
+    # SIGCHLD, SIGTERM and SIGINT wake the loop through this pipe (between heartbeats)
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
 
     def spawn(slot: int) -> None:
         app.close()  # no connection may be shared across fork
@@ -103,9 +92,14 @@ def run_worker(app: Celeriac, *, concurrency: int, queues: list[str], hostname: 
         if pid == 0:
             code = 0
             try:
+                signal.set_wakeup_fd(-1)
+                os.close(wake_r)
+                os.close(wake_w)
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 multiprocessing.current_process().name = f"Worker-{slot}"
-                run_process(app, queues, hostname, housekeeper=slot == 1, slots=active)
+                run_process(app, queues, hostname, housekeeper=slot == 1, slots=active,
+                            node=node if heart is not None else None)
             except BaseException:
                 log.exception("worker process crashed")
                 code = 1
@@ -126,33 +120,71 @@ def run_worker(app: Celeriac, *, concurrency: int, queues: list[str], hostname: 
         for pid in children:
             _kill(pid, signal.SIGTERM)
 
-    if not broker_reachable(app):
-        return 1
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    log.warning("celeriac worker %s: %d processes, queues %s, broker %s, results %s",
-                hostname, concurrency, ",".join(queues), masked_url(app.broker_url),
-                masked_url(app.result_backend_url))
-    for slot in range(1, concurrency + 1):
-        spawn(slot)
-    while children:
-        try:
-            pid, status = os.wait()
-        except ChildProcessError:
-            break
+    def exited(pid: int, status: int) -> None:
         slot, started, active = children.pop(pid)
         lost = active.running()
         active.close()
         if lost:
-            fail_lost_tasks(app, lost, pid, _describe(status), hostname)
+            how = _describe(status)
+            store_lost(app, lost, WorkerLostError(f"Worker exited prematurely: {how}."),
+                       hostname, {"pid": pid},
+                       None if heart is None else Roster(node, (), [t for t, _ in lost]))
         if stopping:
-            continue
+            return
         log.error("worker process %d (Worker-%d) exited with %s; starting a new one",
                   pid, slot, _describe(status))
-        if time.monotonic() - started < RESPAWN_BACKOFF:
-            time.sleep(RESPAWN_BACKOFF)
-        if not stopping:
-            spawn(slot)
+        respawn[slot] = max(time.monotonic(), started + RESPAWN_BACKOFF)
+
+    if not broker_reachable(app):
+        return 1
+    signal.signal(signal.SIGCHLD, lambda _signum, _frame: None)
+    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    next_beat = time.monotonic()
+    if heart is not None:
+        heart.beat()  # registered before any process notes a task in its roster
+        next_beat += heartbeat_interval
+    for slot in range(1, concurrency + 1):
+        spawn(slot)
+    log.warning("celeriac worker %s: %d processes, queues %s, broker %s, results %s",
+                hostname, concurrency, ",".join(queues), masked_url(app.broker_url),
+                masked_url(app.result_backend_url))
+    try:
+        while children or (respawn and not stopping):
+            while children:  # reap every process that exited
+                try:
+                    pid, status = os.waitpid(-1, os.WNOHANG)
+                except ChildProcessError:
+                    break
+                if pid == 0:
+                    break
+                if pid in children:
+                    exited(pid, status)
+            now = time.monotonic()
+            for slot, when in list(respawn.items()):
+                if stopping:
+                    respawn.clear()
+                elif when <= now:
+                    del respawn[slot]
+                    spawn(slot)
+            if heart is not None and now >= next_beat:
+                heart.beat()
+                next_beat = time.monotonic() + heartbeat_interval
+            if not children and not respawn:
+                break
+            wake = min([*respawn.values(), next_beat if heart is not None else now + 60.0])
+            with contextlib.suppress(InterruptedError):
+                select.select([wake_r], [], [], max(0.0, wake - time.monotonic()))
+            with contextlib.suppress(BlockingIOError):
+                while os.read(wake_r, 512):
+                    pass
+    finally:
+        signal.set_wakeup_fd(-1)
+        os.close(wake_r)
+        os.close(wake_w)
+    if heart is not None:
+        heart.stop()
     return 0
 
 
