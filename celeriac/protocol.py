@@ -17,7 +17,7 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from . import serialization
@@ -160,15 +160,10 @@ def build_task_message(
         "priority": priority or 0,
         "delivery_info": {"exchange": "", "routing_key": queue},
     }
-    if expires is not None:
-        properties["expiration"] = _expiration(expires)
+    # No AMQP ``expiration`` property (Celery sets one): RabbitMQ would drop the message
+    # silently when it expires and the task would stay PENDING for ever; kept, it reaches
+    # a worker, which stores REVOKED ('expired') without running it.
     return Message(headers, body, content_type, encoding, properties, queue=queue)
-
-
-def _expiration(expires: datetime) -> str:
-    """The AMQP ``expiration`` property: milliseconds left until ``expires``."""
-    remaining = (expires - datetime.now(expires.tzinfo or UTC)).total_seconds()
-    return str(max(0, int(remaining * 1000)))
 
 
 def retry_message(call: TaskCall, *, retries: int, eta: datetime | None,
@@ -199,8 +194,6 @@ def retry_message(call: TaskCall, *, retries: int, eta: datetime | None,
     properties["delivery_info"] = {"exchange": "", "routing_key": queue}
     if priority is not None:
         properties["priority"] = priority
-    if headers.get("expires"):
-        properties["expiration"] = _expiration(datetime.fromisoformat(headers["expires"]))
     return Message(headers, body, content_type, encoding, properties, queue=queue)
 
 

@@ -86,6 +86,28 @@ def test_a_task_revoked_while_no_worker_is_up_never_runs(rtasks, broker_env, pro
     assert r.history[-1]["meta"]["exc_message"] == ["revoked"]
 
 
+def test_an_expired_task_is_revoked_when_it_expires_and_never_runs(rtasks, broker_env,
+                                                                  project, workers):
+    """``expires`` that passes while the message waits with no worker up, and one that
+    comes long before a countdown: REVOKED ('expired') is stored when it expires (not at
+    the ETA an hour later) and the task never runs.  On RabbitMQ too: celeriac sets no
+    AMQP ``expiration``, so the broker does not drop the message unseen."""
+    stale = rtasks.touch.apply_async((str(project / "stale"),), expires=0.5)
+    time.sleep(1.0)
+    workers.append(Worker(project, "rtasks", env=broker_env))
+    with pytest.raises(TaskRevokedError, match="expired"):
+        stale.get(timeout=15)
+    sent = time.monotonic()
+    far = rtasks.touch.apply_async((str(project / "far"),), countdown=3600, expires=3)
+    with pytest.raises(TaskRevokedError, match="expired"):
+        far.get(timeout=15)
+    assert 2.5 <= time.monotonic() - sent < 8
+    for r in (stale, far):
+        assert _states(r) == [states.PENDING, states.REVOKED]
+        assert r.history[-1]["meta"]["exc_message"] == ["expired"]
+    assert not (project / "stale").exists() and not (project / "far").exists()
+
+
 def test_revoking_a_waiting_task_with_a_worker_up(rtasks, broker_env, project, workers):
     workers.append(Worker(project, "rtasks", env=broker_env))
     marker = project / "ran"
@@ -180,3 +202,33 @@ def test_a_celery_worker_runs_a_celeriac_eta_message(rtasks, broker_env, project
     assert r.get(timeout=20) == str(project / "eta")
     assert time.monotonic() - began >= 1.9
     assert (project / "eta").exists()
+
+
+@on_servers
+def test_expires_holds_between_celery_and_celeriac(rtasks, broker_env, project: Path,
+                                                   workers):
+    """A celeriac message that expired while it waited: a Celery 5.7 worker stores
+    REVOKED ('expired') and does not run it.  A Celery message that expired: a celeriac
+    worker does the same (on Redis; on RabbitMQ, Celery's AMQP ``expiration`` makes the
+    broker drop it unseen)."""
+    import celery
+
+    write_module(project, "crtasks", CELERY_TASKS.replace("'rtasks'", "'crtasks'"))
+    r = rtasks.touch.apply_async((str(project / "celery-ran"),), expires=0.5)
+    time.sleep(1.0)
+    celery_worker = CeleryWorker(project, "crtasks", env=broker_env)
+    workers.append(celery_worker)
+    with pytest.raises(TaskRevokedError, match="expired"):
+        r.get(timeout=20)
+    assert celery_worker.stop() == 0
+    assert not (project / "celery-ran").exists()
+    if broker_env["TEST_BROKER"].startswith("amqp"):
+        return
+    capp = celery.Celery("sender", broker=broker_env["TEST_BROKER"],
+                         backend=broker_env["TEST_BACKEND"])
+    c = capp.send_task("rtasks.touch", (str(project / "celeriac-ran"),), expires=0.5)
+    time.sleep(1.0)
+    workers.append(Worker(project, "rtasks", env=broker_env))
+    with pytest.raises(TaskRevokedError, match="expired"):
+        rtasks.app.AsyncResult(c.id).get(timeout=20)
+    assert not (project / "celeriac-ran").exists()

@@ -12,7 +12,8 @@ batch by setting ``owner`` and pushing ``visible_at`` one lease ahead, in one
 statement.  It renews the lease while it holds the message and deletes the row
 on ack.  If its process dies the lease lapses and the next fetch takes the row
 again (``deliveries`` counts the hand-outs).  A message with an ``eta`` header is
-written with ``visible_at`` at that time, so it waits in the file, not in a worker.
+written with ``visible_at`` at that time (or at its ``expires``, if sooner), so it waits
+in the file, not in a worker.
 Publishers ring a bell (celeriac.bell) so idle consumers wake at once instead of
 polling.  Each worker process reads new broadcasts every CONTROL_POLL seconds.
 """
@@ -106,8 +107,12 @@ class SQLiteBroker(Broker):
 
     def _row(self, message: Message) -> tuple[str, int, float, bytes]:
         priority = int(message.properties.get("priority") or 0)
-        eta = message.headers.get("eta")
-        visible_at = datetime.fromisoformat(eta).timestamp() if eta else time.time()
+        eta, expires = message.headers.get("eta"), message.headers.get("expires")
+        visible_at = time.time()
+        if eta:
+            visible_at = datetime.fromisoformat(eta).timestamp()
+            if expires:  # expiring before it is due: a worker sees it (revokes it) then
+                visible_at = min(visible_at, datetime.fromisoformat(expires).timestamp())
         return (message.queue, priority, visible_at, encode_envelope(message))
 
     def publish(self, message: Message) -> None:

@@ -499,17 +499,22 @@ class WorkerProcess:
         until = self.revoked.get(task_id)
         return until is not None and until >= time.time()
 
-    async def _discard_revoked(self, message: Message, task: Task[Any, Any], call: TaskCall,
-                               request: Request, ignore: bool) -> None:
-        log.info("Discarding revoked task: %s[%s]", call.name, call.id)
-        await self._revoke_unrun(message, task, call, request, ignore, "revoked")
-
-    async def _revoke_unrun(self, message: Message, task: Task[Any, Any], call: TaskCall,
-                            request: Request, ignore: bool, reason: str) -> None:
-        """A task that will not run (revoked, expired): ack it and store REVOKED."""
+    async def _will_not_run(self, message: Message, task: Task[Any, Any], call: TaskCall,
+                            request: Request, ignore: bool) -> bool:
+        """A task revoked or expired is not run: its message is acked and REVOKED is
+        stored (reason ``revoked`` / ``expired``)."""
+        if self._is_revoked(call.id):
+            log.info("Discarding revoked task: %s[%s]", call.name, call.id)
+            reason = "revoked"
+        elif self._expired(call):
+            log.info("Task %s[%s] expired: revoked", call.name, call.id)
+            reason = "expired"
+        else:
+            return False
         self.writer.ack(message)
         await self._finish(task, call, request, Outcome(
             states.REVOKED, TaskRevokedError(reason), None, 0.0), ignore=ignore)
+        return True
 
     def _finished(self, t: asyncio.Task[None]) -> None:
         self._running.discard(t)
@@ -558,12 +563,7 @@ class WorkerProcess:
             return
         request = self._request(call, task)
         ignore = bool(request.ignore_result or task._option("ignore_result"))
-        if self._is_revoked(call.id):
-            await self._discard_revoked(message, task, call, request, ignore)
-            return
-        if self._expired(call):
-            log.info("Task %s[%s] expired: revoked", call.name, call.id)
-            await self._revoke_unrun(message, task, call, request, ignore, "expired")
+        if await self._will_not_run(message, task, call, request, ignore):
             return
         acks_late = bool(task._option("acks_late"))
         if acks_late and message.redelivered and await self._succeeded(call):
@@ -571,15 +571,18 @@ class WorkerProcess:
                      call.name, call.id)
             self.writer.ack(message)
             return
-        delay = self._eta_delay(call)
-        if delay > PARK_AFTER and await self.consumer.park(message, time.time() + delay):
-            log.info("Task %s[%s] is due in %.1fs: kept in the broker until then", call.name,
-                     call.id, delay)
-            return
-        if delay > 0:
+        while (delay := self._eta_delay(call)) > 0:
+            expires_in = self._expires_in(call)
+            if expires_in is not None and expires_in < delay:
+                # it expires before it is due: it waits until it expires, to be stored
+                # REVOKED then rather than at its ETA
+                delay = expires_in
+            if delay > PARK_AFTER and await self.consumer.park(message, time.time() + delay):
+                log.info("Task %s[%s] is due in %.1fs: kept in the broker until then",
+                         call.name, call.id, delay)
+                return
             await asyncio.sleep(delay)
-            if self._is_revoked(call.id):
-                await self._discard_revoked(message, task, call, request, ignore)
+            if await self._will_not_run(message, task, call, request, ignore):
                 return
 
         if task.is_async:
@@ -591,8 +594,8 @@ class WorkerProcess:
                 await self.consumer.reject(message, requeue=True, reason="process busy")
                 return
             try:
-                if self._is_revoked(call.id):  # revoked while it waited for the thread
-                    await self._discard_revoked(message, task, call, request, ignore)
+                # revoked (or expired) while it waited for the thread
+                if await self._will_not_run(message, task, call, request, ignore):
                     return
                 self._start(message, call, task, request, acks_late, ignore)
                 outcome = await self._execute(task, call, request)
@@ -876,13 +879,18 @@ class WorkerProcess:
         await self.writer.written()
 
     def _expired(self, call: TaskCall) -> bool:
+        expires_in = self._expires_in(call)
+        return expires_in is not None and expires_in <= 0
+
+    def _expires_in(self, call: TaskCall) -> float | None:
+        """Seconds until the message's ``expires`` (None when it has none)."""
         expires = call.headers.get("expires")
         if not expires:
-            return False
+            return None
         try:
-            return datetime.fromisoformat(expires) < self.app.now()
+            return (datetime.fromisoformat(expires) - self.app.now()).total_seconds()
         except (TypeError, ValueError):
-            return False
+            return None
 
     def _eta_delay(self, call: TaskCall) -> float:
         """Seconds until the message's ``eta`` (0 when it has none or it has passed)."""
