@@ -211,6 +211,7 @@ def run_hostloss(kind: str, args: argparse.Namespace) -> dict[str, Any]:
         alpha = _worker(directory, env, 0, "-n", "alpha@%h")
         beta = None
         try:
+            time.sleep(2.0)  # both its processes consuming: the tasks go to both
             ids = [mod.hang.delay(600).id for _ in range(HOST_TASKS)]
             if not wait_until(lambda: _all_in(backend, ids, "STARTED"), 30, 0.05):
                 raise SystemExit(f"the tasks did not all start on alpha:\n{alpha.log_tail()}")
