@@ -14,6 +14,7 @@ import sys
 import time
 from datetime import UTC, datetime
 from importlib import metadata
+from typing import Any
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC = os.path.join(REPO, "docs", "BENCHMARKS.md")
@@ -293,3 +294,22 @@ def plain_table(header: list[str], rows: list[list[str]]) -> str:
         if j == 0:
             out.append("  ".join("-" * w for w in widths))
     return "\n".join(out)
+
+
+def failure_note(side: str, r: dict[str, Any]) -> str | None:
+    """The note for a side whose run failed: its error and the worker log's tail."""
+    if "error" not in r:
+        return None
+    tail = r.get("worker_log", "").strip()
+    return f"**{side} failed**: `{r['error']}`" + (
+        f"; worker log tail:\n\n```\n{tail}\n```" if tail else "")
+
+
+def problems_note(side: str, r: dict[str, Any]) -> str | None:
+    """The note for a side whose worker logged errors or tracebacks (the first five)."""
+    problems = r.get("worker_problems")
+    if not problems:
+        return None
+    shown = "\n".join(problems[:5])
+    return (f"{side}'s worker logged {len(problems)} problem line(s), first ones:"
+            f"\n\n```\n{shown}\n```")

@@ -333,14 +333,8 @@ def section(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> str
         r = results.get(side)
         if r is None:
             continue
-        if "error" in r:
-            notes.append(f"**{side} failed**: `{r['error']}`" + (
-                f"; worker log tail:\n\n```\n{r.get('worker_log', '').strip()}\n```"
-                if r.get("worker_log") else ""))
-        elif r.get("worker_problems"):
-            shown = "\n".join(r["worker_problems"][:5])
-            notes.append(f"{side}'s worker logged {len(r['worker_problems'])} error line(s), "
-                         f"first ones:\n\n```\n{shown}\n```")
+        if note := common.failure_note(side, r) or common.problems_note(side, r):
+            notes.append(note)
     lines += [f"- {n}" for n in notes]
     return "\n".join(lines)
 

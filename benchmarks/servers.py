@@ -790,16 +790,12 @@ def section(args: argparse.Namespace, results: dict[str, dict[str, Any]], store:
         r = results.get(side)
         if r is None:
             continue
-        if "error" in r:
-            notes.append(f"**{side} failed**: `{r['error']}`" + (
-                f"; worker log tail:\n\n```\n{r.get('worker_log', '').strip()}\n```"
-                if r.get("worker_log") else ""))
+        if note := common.failure_note(side, r):
+            notes.append(note)
         if "drain_error" in r:
             notes.append(f"**{side}'s drain test failed**: `{r['drain_error']}`")
-        elif r.get("worker_problems"):
-            shown = "\n".join(r["worker_problems"][:5])
-            notes.append(f"{side}'s worker logged {len(r['worker_problems'])} problem line(s), "
-                         f"first ones:\n\n```\n{shown}\n```")
+        elif note := common.problems_note(side, r):
+            notes.append(note)
     lines += [f"- {n}" for n in notes]
     return "\n".join(lines)
 

@@ -224,18 +224,17 @@ class Writer:
             log.warning("writing %d results and %d acks failed (%r); writing them one by one",
                         len(records), len(acks), exc)
         error: BaseException | None = None
-        if roster is not None and roster.started:
-            await _retrying(partial(settle, backend, [], [], io, Roster(roster.node,
-                                                                        roster.started)),
-                            "the worker's roster")
+        # the roster's additions before the records, its removals after them
+        before = None if roster is None else Roster(roster.node, roster.started)
+        after = None if roster is None else Roster(roster.node, (), roster.ended)
+        if before is not None and before.started:
+            await _retrying(partial(settle, backend, [], [], io, before), "the worker's roster")
         for record in records:
             failed = await _retrying(partial(settle, backend, [record], [], io),
                                      f"the {record.entry['state']} of task {record.task_id}")
             error = error or failed
-        if roster is not None and roster.ended:
-            await _retrying(partial(settle, backend, [], [], io, Roster(roster.node, (),
-                                                                        roster.ended)),
-                            "the worker's roster")
+        if after is not None and after.ended:
+            await _retrying(partial(settle, backend, [], [], io, after), "the worker's roster")
         if acks:
             await _retrying(partial(settle, backend, [], acks, io), f"{len(acks)} acks")
         return error

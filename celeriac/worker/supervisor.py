@@ -80,10 +80,6 @@ def run_worker(app: Celeriac, *, concurrency: int, queues: list[str], hostname: 
     node = node_id(hostname)
     heart = (Heart(app, node, hostname, heartbeat_interval)
              if app.backend.keeps_heartbeats else None)
-    # SIGCHLD, SIGTERM and SIGINT wake the loop through this pipe (between heartbeats)
-    wake_r, wake_w = os.pipe()
-    os.set_blocking(wake_r, False)
-    os.set_blocking(wake_w, False)
 
     def spawn(slot: int) -> None:
         app.close()  # no connection may be shared across fork
@@ -124,19 +120,23 @@ def run_worker(app: Celeriac, *, concurrency: int, queues: list[str], hostname: 
         slot, started, active = children.pop(pid)
         lost = active.running()
         active.close()
+        how = _describe(status)
         if lost:
-            how = _describe(status)
             store_lost(app, lost, WorkerLostError(f"Worker exited prematurely: {how}."),
                        hostname, {"pid": pid},
                        None if heart is None else Roster(node, (), [t for t, _ in lost]))
         if stopping:
             return
         log.error("worker process %d (Worker-%d) exited with %s; starting a new one",
-                  pid, slot, _describe(status))
+                  pid, slot, how)
         respawn[slot] = max(time.monotonic(), started + RESPAWN_BACKOFF)
 
     if not broker_reachable(app):
         return 1
+    # SIGCHLD, SIGTERM and SIGINT wake the loop through this pipe (between heartbeats)
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
     signal.signal(signal.SIGCHLD, lambda _signum, _frame: None)
     signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
     signal.signal(signal.SIGTERM, on_signal)
