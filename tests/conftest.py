@@ -9,11 +9,13 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
+T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
 CELERIAC = [sys.executable, "-m", "celeriac"]
 
@@ -96,6 +98,21 @@ def workers() -> Iterator[list[Worker]]:
         if w.proc.poll() is None:
             with contextlib.suppress(AssertionError):
                 w.stop(timeout=15)
+
+
+def wait_until(condition: Callable[[], T], *, timeout: float = 30.0, interval: float = 0.05,
+               what: str = "the condition") -> T:
+    """Call ``condition`` until it returns something truthy, and return that.  The
+    timeout is generous on purpose: it only bounds a test that would otherwise hang,
+    it is not a claim about speed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{what} did not hold within {timeout}s")
+        time.sleep(interval)
 
 
 def write_module(directory: Path, name: str, source: str) -> Path:

@@ -89,7 +89,12 @@ def tasks(broker_env, project, workers):
     return module
 
 
-def _timed_failure(result, timeout: float = 15) -> tuple[BaseException, float]:
+#: The tasks below sleep 20 s unless a limit stops them; a limit that works stops them
+#: well before that (these bounds tell the two apart, they are not about speed).
+STOPPED_EARLY = 15
+
+
+def _timed_failure(result, timeout: float = 30) -> tuple[BaseException, float]:
     began = time.monotonic()
     with pytest.raises(Exception) as caught:
         result.get(timeout=timeout)
@@ -99,12 +104,12 @@ def _timed_failure(result, timeout: float = 15) -> tuple[BaseException, float]:
 def test_soft_limit_is_raised_inside_def_and_async_tasks(tasks):
     began = time.monotonic()
     results = [tasks.soft_caught.delay(), tasks.async_soft_caught.delay()]
-    assert [r.get(timeout=15) for r in results] == ["caught", "caught"]
-    assert time.monotonic() - began < 4
+    assert [r.get(timeout=30) for r in results] == ["caught", "caught"]
+    assert time.monotonic() - began < STOPPED_EARLY
 
     error, took = _timed_failure(tasks.soft_uncaught.delay())
     assert type(error).__name__ == "SoftTimeLimitExceeded"
-    assert took < 4
+    assert took < STOPPED_EARLY
 
 
 def test_hard_limit_stops_the_task_and_stores_time_limit_exceeded(tasks, workers):
@@ -113,7 +118,7 @@ def test_hard_limit_stops_the_task_and_stores_time_limit_exceeded(tasks, workers
         error, took = _timed_failure(r)
         assert isinstance(error, TimeLimitExceeded), error
         assert error.args == (0.5,)
-        assert took < 4
+        assert took < STOPPED_EARLY
         assert r.state == states.FAILURE
         assert [h["state"] for h in r.history][-1] == states.FAILURE
     assert tasks.quick.delay(7).get(timeout=10) == 7  # the worker goes on
@@ -124,13 +129,13 @@ def test_hard_limit_stops_the_task_and_stores_time_limit_exceeded(tasks, workers
 def test_limits_per_call_and_from_the_workers_settings(tasks):
     assert tasks.sleeper.apply_async((0.1,), time_limit=2).get(timeout=10) == 0.1
     error, took = _timed_failure(tasks.sleeper.apply_async((20,), time_limit=0.5))
-    assert isinstance(error, TimeLimitExceeded) and took < 3
+    assert isinstance(error, TimeLimitExceeded) and took < STOPPED_EARLY
     error, _ = _timed_failure(tasks.sleeper.apply_async((20,), soft_time_limit=0.3))
     assert type(error).__name__ == "SoftTimeLimitExceeded"
     # no limit on the task or the call: the worker's task_time_limit (4 s)
     error, took = _timed_failure(tasks.sleeper.delay(20))
     assert isinstance(error, TimeLimitExceeded) and error.args == (4.0,)
-    assert 3.5 < took < 8
+    assert took < STOPPED_EARLY
 
 
 def test_a_task_that_will_not_stop_gets_its_process_replaced(tasks, workers):
@@ -139,7 +144,7 @@ def test_a_task_that_will_not_stop_gets_its_process_replaced(tasks, workers):
     r = tasks.stubborn.delay()
     error, took = _timed_failure(r)
     assert isinstance(error, TimeLimitExceeded)
-    assert took < 4
+    assert took < STOPPED_EARLY
     worker.wait_for_log("will be replaced")
     worker.wait_for_log("starting a new one")
     # every task still runs: nothing was lost with the replaced process

@@ -320,6 +320,7 @@ class WorkerProcess:
         self.stopping = asyncio.Event()
         self._running: set[asyncio.Task[None]] = set()
         self._slot_free = asyncio.Event()
+        self._slot_released = asyncio.Event()  # an ActiveSlots slot was given back
         self._sync_slot = asyncio.Semaphore(1)
         self._paused = False  # handed a message back: fetch nothing until the thread is free
         self._started: set[asyncio.Task[None]] = set()
@@ -585,7 +586,8 @@ class WorkerProcess:
                 return
 
         if task.is_async:
-            self._start(message, call, task, request, acks_late, ignore)
+            slot = await self._take_slot(call, acks_late)
+            self._start(message, call, task, request, acks_late, ignore, slot)
             outcome = await self._execute(task, call, request)
         else:
             if not await self._take_sync_slot():
@@ -593,10 +595,12 @@ class WorkerProcess:
                 await self.consumer.reject(message, requeue=True, reason="process busy")
                 return
             try:
-                # revoked (or expired) while it waited for the thread
+                slot = await self._take_slot(call, acks_late)
+                # revoked (or expired) while it waited for the thread or a slot
                 if await self._will_not_run(message, task, call, request, ignore):
+                    self._release_slot(slot)
                     return
-                self._start(message, call, task, request, acks_late, ignore)
+                self._start(message, call, task, request, acks_late, ignore, slot)
                 outcome = await self._execute(task, call, request)
             finally:
                 if not self.stuck:  # else the thread never frees up: take nothing more
@@ -771,8 +775,25 @@ class WorkerProcess:
         self.stuck = True
         self.stopping.set()
 
+    async def _take_slot(self, call: TaskCall, acks_late: bool) -> int | None:
+        """A slot noting an early-acked task as running (see ActiveSlots), waiting for
+        one to be released if all are taken: no such task starts unrecorded, or its
+        end could never be stored if this process died.  None for acks_late tasks (the
+        broker delivers them again) and where no supervisor watches."""
+        if acks_late or self.slots is None:
+            return None
+        while (slot := self.slots.take(call.id, call.name)) is None:
+            self._slot_released.clear()
+            await self._slot_released.wait()
+        return slot
+
+    def _release_slot(self, slot: int | None) -> None:
+        if slot is not None and self.slots is not None:
+            self.slots.release(slot)
+            self._slot_released.set()
+
     def _start(self, message: Message, call: TaskCall, task: Task[Any, Any], request: Request,
-               acks_late: bool, ignore: bool) -> None:
+               acks_late: bool, ignore: bool, slot: int | None) -> None:
         me = asyncio.current_task()
         if me is not None:
             self._started.add(me)
@@ -788,7 +809,6 @@ class WorkerProcess:
             self.writer.ack(message, early=True)
             if not ignore:
                 self.writer.running(call.id)
-            slot = None if self.slots is None else self.slots.take(call.id, call.name)
             if me is not None:
                 me.add_done_callback(partial(self._ended, call.id, ignore, slot))
         if not ignore and task._option("track_started"):
@@ -802,8 +822,8 @@ class WorkerProcess:
         """An early-acked task's handling is over: its last write is queued."""
         if not ignore:
             self.writer.ended(task_id)
-        if slot is not None and self.slots is not None:
-            self.writer.after(partial(self.slots.release, slot))
+        if slot is not None:
+            self.writer.after(partial(self._release_slot, slot))
 
     async def _finish(self, task: Task[Any, Any], call: TaskCall, request: Request,
                       outcome: Outcome, ignore: bool) -> None:

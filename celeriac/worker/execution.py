@@ -140,13 +140,21 @@ class ActiveSlots:
 
     SLOT = 512
 
+    @classmethod
+    def for_prefetch(cls, prefetch: int) -> ActiveSlots:
+        """Slots for a process that runs up to ``prefetch`` tasks at once: a slot is
+        freed only once its task's last write has landed, so while one write batch is in
+        flight as many tasks again may be running; a task that finds none free waits."""
+        return cls(2 * (max(1, prefetch) + 1))
+
     def __init__(self, count: int) -> None:
         self.count = count
         self.memory = mmap.mmap(-1, count * self.SLOT)  # anonymous, shared across fork
         self._free = list(range(count - 1, -1, -1))
 
     def take(self, task_id: str, name: str) -> int | None:
-        """Note a task as running; its slot number (None when all are taken)."""
+        """Note a task as running; its slot number (None when all are taken: the task
+        must not start until one is released)."""
         if not self._free:
             return None
         i = self._free.pop()

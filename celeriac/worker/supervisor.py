@@ -76,14 +76,14 @@ def run_worker(app: Celeriac, *, concurrency: int, queues: list[str], hostname: 
     children: dict[int, tuple[int, float, ActiveSlots]] = {}
     respawn: dict[int, float] = {}  # slot -> when to start its next process (monotonic)
     stopping = False
-    slots_per_process = max(1, int(app.conf.worker_prefetch_multiplier or 1)) + 1
+    prefetch = max(1, int(app.conf.worker_prefetch_multiplier or 1))
     node = node_id(hostname)
     heart = (Heart(app, node, hostname, heartbeat_interval)
              if app.backend.keeps_heartbeats else None)
 
     def spawn(slot: int) -> None:
         app.close()  # no connection may be shared across fork
-        active = ActiveSlots(slots_per_process)
+        active = ActiveSlots.for_prefetch(prefetch)
         pid = os.fork()
         if pid == 0:
             code = 0
