@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import base64
 import builtins
-import importlib
+import functools
+import inspect
 import os
 import re
 import reprlib
@@ -370,54 +371,65 @@ def exception_to_dict(exc: BaseException) -> dict[str, Any]:
     }
 
 
-_synthesized: dict[tuple[str, str], type[Exception]] = {}
+#: How many synthesized exception classes are kept (least recently used dropped first):
+#: a store naming many distinct classes cannot make a reader grow without bound.
+SYNTHESIZED_CACHE_SIZE = 256
 
 
+@functools.lru_cache(maxsize=SYNTHESIZED_CACHE_SIZE)
 def _synthesize(name: str, module: str) -> type[Exception]:
-    key = (module, name)
-    cls = _synthesized.get(key)
-    if cls is None:
-        cls = type(name.rsplit(".", 1)[-1], (Exception,), {"__module__": module})
-        cls.__qualname__ = name
-        _synthesized[key] = cls
+    """An ``Exception`` subclass standing for stored class ``module.name`` (the same
+    class for the same name while it stays in the cache)."""
+    cls = type(name.rsplit(".", 1)[-1], (Exception,), {"__module__": module})
+    cls.__qualname__ = name
     return cls
 
 
-def _resolve_exception_class(name: str, module: str | None) -> type[BaseException]:
-    if module is None:
-        return _synthesize(name, CELERY_EXC_MODULE)
-    if (module, name) in CELERY_NAMED:
-        return CELERY_NAMED[module, name]
-    if module == "builtins":
-        obj: Any = builtins
-    else:
-        obj = sys.modules.get(module)
-        if obj is None and module.partition(".")[0] in sys.modules:
-            # a module of a package this process already uses (myapp.errors when myapp
-            # is imported); anything else is never imported on a stored name's say-so
-            try:
-                obj = importlib.import_module(module)
-            except Exception:
-                obj = None
-        if obj is None:
-            return _synthesize(name, module)
+def _loaded_attribute(module: str, name: str) -> Any:
+    """``module.name`` when ``module`` is loaded already, looked up without running code
+    (no module ``__getattr__``, no descriptors); None when absent."""
+    obj: Any = builtins if module == "builtins" else sys.modules.get(module)
     try:
         for part in name.split("."):
-            obj = getattr(obj, part)
+            if obj is None:
+                return None
+            obj = inspect.getattr_static(obj, part)
     except AttributeError:
-        return _synthesize(name, module)
-    if not (isinstance(obj, type) and issubclass(obj, BaseException)):
-        raise SecurityError(f"stored exception type {module}.{name} is not an exception class")
+        return None
     return obj
 
 
-def exception_from_dict(data: Any) -> BaseException:
-    """Rebuild an exception from its stored form; never unpickles."""
-    if isinstance(data, BaseException):
+def _resolve_exception_class(name: str, module: str | None) -> type[Exception]:
+    """The class a stored ``exc_type`` / ``exc_module`` names, found only among celeriac's
+    and Celery's names and modules already loaded; never imports anything.  A name found
+    nowhere gets a synthesized ``Exception`` subclass; a ``BaseException``-only class
+    (SystemExit, KeyboardInterrupt...) is replaced by one too, so that re-raising it in
+    the reader is an ordinary error.  A name that is not an exception class is refused."""
+    if module is None:
+        return _synthesize(name, CELERY_EXC_MODULE)
+    if (module, name) in CELERY_NAMED:
+        return CELERY_NAMED[module, name]  # type: ignore[return-value]
+    obj = _loaded_attribute(module, name)
+    if obj is None:
+        return _synthesize(name, module)
+    if not (isinstance(obj, type) and issubclass(obj, BaseException)):
+        raise SecurityError(f"stored exception type {module}.{name} is not an exception class")
+    if not issubclass(obj, Exception):
+        return _synthesize(name, module)
+    return obj
+
+
+def exception_from_dict(data: Any) -> Exception:
+    """Rebuild an exception from its stored form; never imports, never unpickles."""
+    if isinstance(data, Exception):
         return data
+    if isinstance(data, BaseException):  # SystemExit and the like: an ordinary error here
+        data = exception_to_dict(data)
     if not isinstance(data, dict) or "exc_type" not in data:
         raise DecodeError(f"stored exception has no 'exc_type': {saferepr(data)}")
-    cls = _resolve_exception_class(str(data["exc_type"]), data.get("exc_module"))
+    module = data.get("exc_module")
+    cls = _resolve_exception_class(str(data["exc_type"]),
+                                   None if module is None else str(module))
     message = data.get("exc_message", "")
     try:
         if isinstance(message, list | tuple):
