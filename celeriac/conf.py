@@ -8,6 +8,7 @@ has no effect; a name in neither list is reported as unknown.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import warnings
 from collections.abc import Iterable, Mapping
@@ -133,7 +134,9 @@ class Settings(dict[str, Any]):
     """``app.conf``: a dict of settings, readable as attributes (``app.conf.broker_url``)."""
 
     def __init__(self, values: Mapping[str, Any] | None = None) -> None:
-        super().__init__(DEFAULTS)
+        # each app gets its own copy of the mutable defaults (dicts of options): one app
+        # changing ``conf.broker_transport_options[...]`` must not change another's
+        super().__init__(copy.deepcopy(DEFAULTS))
         if values:
             self.update(values)
 
