@@ -18,7 +18,7 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from . import serialization
@@ -262,6 +262,18 @@ def parse_task_message(message: Message, accept: frozenset[str]) -> TaskCall:
                     headers, message)
 
 
+def aware_time(value: datetime | str) -> datetime:
+    """A task's ``eta`` or ``expires`` (an ISO 8601 header, or a datetime given to
+    ``apply_async``) as an aware datetime.  A naive value is taken as UTC: that is how
+    Celery 5.7's worker reads one (``maybe_make_aware``), whatever the app's ``timezone``
+    and ``enable_utc``, and how its producers mean one.  Raises ValueError or TypeError
+    for something that is not an ISO 8601 date-time."""
+    when = value if isinstance(value, datetime) else datetime.fromisoformat(value)
+    if when.tzinfo is None or when.utcoffset() is None:
+        return when.replace(tzinfo=UTC)
+    return when
+
+
 def _check_headers(headers: dict[str, Any]) -> None:
     """Header values the worker relies on must have the types Celery sends."""
 
@@ -282,7 +294,7 @@ def _check_headers(headers: dict[str, Any]) -> None:
         if value is None:
             continue
         try:
-            datetime.fromisoformat(value)
+            aware_time(value)
         except (TypeError, ValueError):
             fail(name, "an ISO 8601 date-time or null")
     for name in ("root_id", "parent_id", "group", "origin"):

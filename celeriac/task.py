@@ -11,13 +11,13 @@ import traceback as tb
 import warnings
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
 from . import states
 from .backends.base import history_entry
 from .exceptions import Ignore, MaxRetriesExceededError, Reject, Retry
-from .protocol import RequestInfo, build_task_message, new_id, origin_name
+from .protocol import RequestInfo, aware_time, build_task_message, new_id, origin_name
 from .result import AsyncResult, EagerResult
 
 if TYPE_CHECKING:
@@ -397,9 +397,7 @@ def backoff_interval(factor: int, retries: int, maximum: float, jitter: bool) ->
 def eta_from(countdown: float | None, eta: datetime | None, now: datetime) -> datetime | None:
     if countdown is not None:
         return now + timedelta(seconds=countdown)
-    if eta is not None and eta.tzinfo is None:
-        return eta.replace(tzinfo=UTC)
-    return eta
+    return None if eta is None else aware_time(eta)
 
 
 def expires_from(expires: float | datetime | None, now: datetime) -> datetime | None:
@@ -407,7 +405,7 @@ def expires_from(expires: float | datetime | None, now: datetime) -> datetime | 
         return None
     if isinstance(expires, int | float):
         return now + timedelta(seconds=expires)
-    return expires if expires.tzinfo else expires.replace(tzinfo=UTC)
+    return aware_time(expires)
 
 
 __all__ = ["Request", "Task", "build_task_message", "current_request"]

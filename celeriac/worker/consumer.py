@@ -20,7 +20,6 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -883,21 +882,25 @@ class WorkerProcess:
 
     def _expires_in(self, call: TaskCall) -> float | None:
         """Seconds until the message's ``expires`` (None when it has none)."""
+        from ..protocol import aware_time
+
         expires = call.headers.get("expires")
         if not expires:
             return None
-        try:
-            return (datetime.fromisoformat(expires) - self.app.now()).total_seconds()
+        try:  # a naive value is UTC, as Celery reads it
+            return (aware_time(expires) - self.app.now()).total_seconds()
         except (TypeError, ValueError):
             return None
 
     def _eta_delay(self, call: TaskCall) -> float:
         """Seconds until the message's ``eta`` (0 when it has none or it has passed)."""
+        from ..protocol import aware_time
+
         eta = call.headers.get("eta")
         if not eta:
             return 0.0
-        try:
-            return max(0.0, (datetime.fromisoformat(eta) - self.app.now()).total_seconds())
+        try:  # a naive value is UTC, as Celery reads it
+            return max(0.0, (aware_time(eta) - self.app.now()).total_seconds())
         except (TypeError, ValueError):
             return 0.0
 
