@@ -103,6 +103,26 @@ class Message:
         return info
 
 
+#: Header names of Celery's task protocol and names Celery's worker gives a task's request
+#: itself (``celery.app.task.Context``): a custom header (``apply_async(headers=...)``)
+#: may not use one of them.
+RESERVED_HEADERS = frozenset("""
+lang task id shadow eta expires group group_index retries timelimit root_id parent_id
+argsrepr kwargsrepr origin ignore_result replaced_task_nesting stamped_headers stamps
+compression args kwargs callbacks errbacks chain chord correlation_id delivery_info
+headers hostname is_eager logfile loglevel properties reply_to taskset time_limit
+soft_time_limit utc called_directly
+""".split())  # noqa: SIM905
+
+
+def custom_headers(headers: dict[str, Any]) -> dict[str, Any] | None:
+    """The headers of a task message beyond the protocol's own (what a producer gave as
+    ``apply_async(headers=...)``), or None when there are none: as Celery's worker
+    shows them in ``self.request.headers``."""
+    extra = {k: v for k, v in headers.items() if k not in RESERVED_HEADERS}
+    return extra or None
+
+
 def build_task_message(
     name: str,
     args: tuple[Any, ...] | list[Any],
@@ -123,12 +143,14 @@ def build_task_message(
     reply_to: str | None = None,
     priority: int | None = None,
     shadow: str | None = None,
+    headers: dict[str, Any] | None = None,
 ) -> Message:
-    """Build a protocol v2 task message exactly as Celery 5.7 lays it out."""
+    """Build a protocol v2 task message exactly as Celery 5.7 lays it out; ``headers``
+    are custom headers added to the protocol's own (which they may not replace)."""
     check_task_id(task_id)
     args = list(args)
     kwargs = dict(kwargs)
-    headers: dict[str, Any] = {
+    own: dict[str, Any] = {
         "lang": "py",
         "task": name,
         "id": task_id,
@@ -149,6 +171,12 @@ def build_task_message(
         "stamped_headers": None,
         "stamps": {},
     }
+    if headers:
+        clash = sorted(k for k in headers if k in RESERVED_HEADERS)
+        if clash:
+            raise ValueError(f"custom headers {clash} of task {name} would replace headers "
+                             "of the task protocol (or of the task's request): rename them")
+        own.update(headers)
     body_obj = [args, kwargs, dict(EMBED_DEFAULTS)]
     try:
         content_type, encoding, body = serialization.dumps(body_obj, serializer)
@@ -164,7 +192,7 @@ def build_task_message(
     # No AMQP ``expiration`` property (Celery sets one): RabbitMQ would drop the message
     # silently when it expires and the task would stay PENDING for ever; kept, it reaches
     # a worker, which stores REVOKED ('expired') without running it.
-    return Message(headers, body, content_type, encoding, properties, queue=queue)
+    return Message(own, body, content_type, encoding, properties, queue=queue)
 
 
 def retry_message(call: TaskCall, *, retries: int, eta: datetime | None,

@@ -845,6 +845,8 @@ class WorkerProcess:
     # ------------------------------------------------------------------ helpers
 
     def _request(self, call: TaskCall, task: Task[Any, Any]) -> Request:
+        from ..protocol import custom_headers
+
         h = call.headers
         props = call.message.properties
         request = Request(
@@ -856,6 +858,7 @@ class WorkerProcess:
             origin=h.get("origin"), eta=h.get("eta"), expires=h.get("expires"),
             timelimit=tuple(h.get("timelimit") or (None, None)),  # type: ignore[arg-type]
             ignore_result=bool(h.get("ignore_result")), called_directly=False,
+            headers=custom_headers(h),
         )
         request.state_sink = self._state_sink(request)
         return request
