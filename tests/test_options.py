@@ -86,6 +86,20 @@ def test_eager_mode_keeps_headers_and_warns_too(caught):
     assert who.apply().get() == (None, None)  # no custom headers: None, as in Celery
 
 
+def test_queue_given_as_a_kombu_queue_is_its_name(caught):
+    from kombu import Queue
+
+    app = Celery("opts", broker="memory://opts-queue", task_routes={"*": {"queue": "routed"}})
+
+    @app.task
+    def f():
+        pass
+
+    assert f.apply_async(queue=Queue("other")).history[0]["meta"]["queue"] == "other"
+    assert f.apply_async().history[0]["meta"]["queue"] == "routed"
+    assert _messages(caught) == []
+
+
 def test_custom_headers_may_not_replace_the_protocols():
     app = Celery("opts", broker="memory://opts-clash")
 

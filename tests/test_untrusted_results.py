@@ -63,6 +63,24 @@ def test_stored_module_name_is_never_imported(project):
     assert not (project / "imported.txt").exists()
 
 
+def test_lookup_runs_no_module_getattr(project):
+    """A loaded module's ``__getattr__`` (lazy loaders import on attribute access) is not
+    run to find a stored class name."""
+    write_module(project, "lazymod", """
+        import pathlib
+
+        def __getattr__(name):
+            pathlib.Path('touched.txt').write_text(name)
+            raise AttributeError(name)
+    """)
+    import lazymod  # noqa: F401 - loaded, as an application's module would be
+
+    exc = exception_from_dict({"exc_type": "Lazy", "exc_message": ["z"],
+                               "exc_module": "lazymod"})
+    assert type(exc).__name__ == "Lazy" and exc.args == ("z",)
+    assert not (project / "touched.txt").exists()
+
+
 @pytest.mark.parametrize("name", ["SystemExit", "KeyboardInterrupt", "GeneratorExit"])
 def test_base_exception_only_result_is_an_ordinary_error(project, name):
     results = project / "results"
