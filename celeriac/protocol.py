@@ -119,8 +119,9 @@ def custom_headers(headers: dict[str, Any]) -> dict[str, Any] | None:
     """The headers of a task message beyond the protocol's own (what a producer gave as
     ``apply_async(headers=...)``), or None when there are none: as Celery's worker
     shows them in ``self.request.headers``."""
-    extra = {k: v for k, v in headers.items() if k not in RESERVED_HEADERS}
-    return extra or None
+    if headers.keys() <= RESERVED_HEADERS:  # the usual case, and the quick one
+        return None
+    return {k: v for k, v in headers.items() if k not in RESERVED_HEADERS}
 
 
 def build_task_message(
