@@ -18,7 +18,7 @@ from .control import Control
 from .protocol import build_task_message, new_id, origin_name
 from .result import AsyncResult
 from .routing import QueueSpec, prepare, queue_specs, route_options
-from .task import Task, current_request, eta_from, expires_from
+from .task import Task, current_request, eta_from, expires_from, warn_unsupported_options
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -217,9 +217,18 @@ class Celeriac:
         ignore_result: bool = False,
         time_limit: float | None = None,
         soft_time_limit: float | None = None,
-        **_: Any,
+        headers: dict[str, Any] | None = None,
+        shadow: str | None = None,
+        **options: Any,
     ) -> AsyncResult[Any]:
-        """Queue task ``name`` (which need not be registered here) and return its result."""
+        """Queue task ``name`` (which need not be registered here) and return its result.
+
+        ``headers`` are added to the message's headers (a worker shows them in
+        ``self.request.headers``); ``shadow`` is the name shown for the task in logs.
+        Any other option warns once that it has no effect (see
+        :func:`celeriac.task.warn_unsupported_options`)."""
+        if options:
+            warn_unsupported_options(options)
         conf = self.conf
         task_id = task_id or new_id()
         routed = route_options(self._routers(), name, args, kwargs,
@@ -237,7 +246,7 @@ class Celeriac:
             time_limit=time_limit, soft_time_limit=soft_time_limit,
             ignore_result=ignore_result,
             priority=priority if priority is not None else conf.task_default_priority,
-            reply_to=self.oid,
+            reply_to=self.oid, shadow=shadow, headers=headers,
         )
         if ignore_result:
             self.broker.publish(message)

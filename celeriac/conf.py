@@ -8,7 +8,9 @@ has no effect; a name in neither list is reported as unknown.
 
 from __future__ import annotations
 
+import copy
 import importlib
+import sys
 import warnings
 from collections.abc import Iterable, Mapping
 from datetime import timedelta
@@ -118,22 +120,34 @@ worker_task_log_format worker_timer worker_timer_precision
 _warned: set[str] = set()
 
 
-def _warn_once(name: str) -> None:
-    if name in _warned:
+def warn_once(key: str, message: str) -> None:
+    """Warn ``message`` (a UserWarning) the first time ``key`` comes up in this process,
+    pointing at the first caller outside celeriac."""
+    if key in _warned:
         return
-    _warned.add(name)
+    _warned.add(key)
+    frame, level = sys._getframe(1), 2
+    while frame.f_back is not None and \
+            frame.f_globals.get("__name__", "").partition(".")[0] == "celeriac":
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, UserWarning, stacklevel=level)
+
+
+def _warn_setting(name: str) -> None:
     if name in CELERY_SETTING_NAMES:
         msg = f"setting {name!r} is a Celery setting celeriac does not implement; it has no effect"
     else:
         msg = f"unknown setting {name!r}: neither celeriac nor Celery has a setting of that name"
-    warnings.warn(msg, UserWarning, stacklevel=4)
+    warn_once(name, msg)
 
 
 class Settings(dict[str, Any]):
     """``app.conf``: a dict of settings, readable as attributes (``app.conf.broker_url``)."""
 
     def __init__(self, values: Mapping[str, Any] | None = None) -> None:
-        super().__init__(DEFAULTS)
+        # each app gets its own copy of the mutable defaults (dicts of options): one app
+        # changing ``conf.broker_transport_options[...]`` must not change another's
+        super().__init__(copy.deepcopy(DEFAULTS))
         if values:
             self.update(values)
 
@@ -148,7 +162,7 @@ class Settings(dict[str, Any]):
 
     def __setitem__(self, name: str, value: Any) -> None:
         if name not in DEFAULTS:
-            _warn_once(name)
+            _warn_setting(name)
         super().__setitem__(name, value)
 
     def update(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]

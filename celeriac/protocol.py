@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import base64
 import builtins
-import importlib
+import functools
+import inspect
 import os
 import re
 import reprlib
@@ -17,7 +18,7 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from . import serialization
@@ -102,6 +103,27 @@ class Message:
         return info
 
 
+#: Header names of Celery's task protocol and names Celery's worker gives a task's request
+#: itself (``celery.app.task.Context``): a custom header (``apply_async(headers=...)``)
+#: may not use one of them.
+RESERVED_HEADERS = frozenset("""
+lang task id shadow eta expires group group_index retries timelimit root_id parent_id
+argsrepr kwargsrepr origin ignore_result replaced_task_nesting stamped_headers stamps
+compression args kwargs callbacks errbacks chain chord correlation_id delivery_info
+headers hostname is_eager logfile loglevel properties reply_to taskset time_limit
+soft_time_limit utc called_directly
+""".split())  # noqa: SIM905
+
+
+def custom_headers(headers: dict[str, Any]) -> dict[str, Any] | None:
+    """The headers of a task message beyond the protocol's own (what a producer gave as
+    ``apply_async(headers=...)``), or None when there are none: as Celery's worker
+    shows them in ``self.request.headers``."""
+    if headers.keys() <= RESERVED_HEADERS:  # the usual case, and the quick one
+        return None
+    return {k: v for k, v in headers.items() if k not in RESERVED_HEADERS}
+
+
 def build_task_message(
     name: str,
     args: tuple[Any, ...] | list[Any],
@@ -122,12 +144,14 @@ def build_task_message(
     reply_to: str | None = None,
     priority: int | None = None,
     shadow: str | None = None,
+    headers: dict[str, Any] | None = None,
 ) -> Message:
-    """Build a protocol v2 task message exactly as Celery 5.7 lays it out."""
+    """Build a protocol v2 task message exactly as Celery 5.7 lays it out; ``headers``
+    are custom headers added to the protocol's own (which they may not replace)."""
     check_task_id(task_id)
     args = list(args)
     kwargs = dict(kwargs)
-    headers: dict[str, Any] = {
+    own: dict[str, Any] = {
         "lang": "py",
         "task": name,
         "id": task_id,
@@ -148,6 +172,12 @@ def build_task_message(
         "stamped_headers": None,
         "stamps": {},
     }
+    if headers:
+        clash = sorted(k for k in headers if k in RESERVED_HEADERS)
+        if clash:
+            raise ValueError(f"custom headers {clash} of task {name} would replace headers "
+                             "of the task protocol (or of the task's request): rename them")
+        own.update(headers)
     body_obj = [args, kwargs, dict(EMBED_DEFAULTS)]
     try:
         content_type, encoding, body = serialization.dumps(body_obj, serializer)
@@ -163,7 +193,7 @@ def build_task_message(
     # No AMQP ``expiration`` property (Celery sets one): RabbitMQ would drop the message
     # silently when it expires and the task would stay PENDING for ever; kept, it reaches
     # a worker, which stores REVOKED ('expired') without running it.
-    return Message(headers, body, content_type, encoding, properties, queue=queue)
+    return Message(own, body, content_type, encoding, properties, queue=queue)
 
 
 def retry_message(call: TaskCall, *, retries: int, eta: datetime | None,
@@ -261,6 +291,18 @@ def parse_task_message(message: Message, accept: frozenset[str]) -> TaskCall:
                     headers, message)
 
 
+def aware_time(value: datetime | str) -> datetime:
+    """A task's ``eta`` or ``expires`` (an ISO 8601 header, or a datetime given to
+    ``apply_async``) as an aware datetime.  A naive value is taken as UTC: that is how
+    Celery 5.7's worker reads one (``maybe_make_aware``), whatever the app's ``timezone``
+    and ``enable_utc``, and how its producers mean one.  Raises ValueError or TypeError
+    for something that is not an ISO 8601 date-time."""
+    when = value if isinstance(value, datetime) else datetime.fromisoformat(value)
+    if when.tzinfo is None or when.utcoffset() is None:
+        return when.replace(tzinfo=UTC)
+    return when
+
+
 def _check_headers(headers: dict[str, Any]) -> None:
     """Header values the worker relies on must have the types Celery sends."""
 
@@ -281,7 +323,7 @@ def _check_headers(headers: dict[str, Any]) -> None:
         if value is None:
             continue
         try:
-            datetime.fromisoformat(value)
+            aware_time(value)
         except (TypeError, ValueError):
             fail(name, "an ISO 8601 date-time or null")
     for name in ("root_id", "parent_id", "group", "origin"):
@@ -370,54 +412,65 @@ def exception_to_dict(exc: BaseException) -> dict[str, Any]:
     }
 
 
-_synthesized: dict[tuple[str, str], type[Exception]] = {}
+#: How many synthesized exception classes are kept (least recently used dropped first):
+#: a store naming many distinct classes cannot make a reader grow without bound.
+SYNTHESIZED_CACHE_SIZE = 256
 
 
+@functools.lru_cache(maxsize=SYNTHESIZED_CACHE_SIZE)
 def _synthesize(name: str, module: str) -> type[Exception]:
-    key = (module, name)
-    cls = _synthesized.get(key)
-    if cls is None:
-        cls = type(name.rsplit(".", 1)[-1], (Exception,), {"__module__": module})
-        cls.__qualname__ = name
-        _synthesized[key] = cls
+    """An ``Exception`` subclass standing for stored class ``module.name`` (the same
+    class for the same name while it stays in the cache)."""
+    cls = type(name.rsplit(".", 1)[-1], (Exception,), {"__module__": module})
+    cls.__qualname__ = name
     return cls
 
 
-def _resolve_exception_class(name: str, module: str | None) -> type[BaseException]:
-    if module is None:
-        return _synthesize(name, CELERY_EXC_MODULE)
-    if (module, name) in CELERY_NAMED:
-        return CELERY_NAMED[module, name]
-    if module == "builtins":
-        obj: Any = builtins
-    else:
-        obj = sys.modules.get(module)
-        if obj is None and module.partition(".")[0] in sys.modules:
-            # a module of a package this process already uses (myapp.errors when myapp
-            # is imported); anything else is never imported on a stored name's say-so
-            try:
-                obj = importlib.import_module(module)
-            except Exception:
-                obj = None
-        if obj is None:
-            return _synthesize(name, module)
+def _loaded_attribute(module: str, name: str) -> Any:
+    """``module.name`` when ``module`` is loaded already, looked up without running code
+    (no module ``__getattr__``, no descriptors); None when absent."""
+    obj: Any = builtins if module == "builtins" else sys.modules.get(module)
     try:
         for part in name.split("."):
-            obj = getattr(obj, part)
+            if obj is None:
+                return None
+            obj = inspect.getattr_static(obj, part)
     except AttributeError:
-        return _synthesize(name, module)
-    if not (isinstance(obj, type) and issubclass(obj, BaseException)):
-        raise SecurityError(f"stored exception type {module}.{name} is not an exception class")
+        return None
     return obj
 
 
-def exception_from_dict(data: Any) -> BaseException:
-    """Rebuild an exception from its stored form; never unpickles."""
-    if isinstance(data, BaseException):
+def _resolve_exception_class(name: str, module: str | None) -> type[Exception]:
+    """The class a stored ``exc_type`` / ``exc_module`` names, found only among celeriac's
+    and Celery's names and modules already loaded; never imports anything.  A name found
+    nowhere gets a synthesized ``Exception`` subclass; a ``BaseException``-only class
+    (SystemExit, KeyboardInterrupt...) is replaced by one too, so that re-raising it in
+    the reader is an ordinary error.  A name that is not an exception class is refused."""
+    if module is None:
+        return _synthesize(name, CELERY_EXC_MODULE)
+    if (module, name) in CELERY_NAMED:
+        return CELERY_NAMED[module, name]  # type: ignore[return-value]
+    obj = _loaded_attribute(module, name)
+    if obj is None:
+        return _synthesize(name, module)
+    if not (isinstance(obj, type) and issubclass(obj, BaseException)):
+        raise SecurityError(f"stored exception type {module}.{name} is not an exception class")
+    if not issubclass(obj, Exception):
+        return _synthesize(name, module)
+    return obj
+
+
+def exception_from_dict(data: Any) -> Exception:
+    """Rebuild an exception from its stored form; never imports, never unpickles."""
+    if isinstance(data, Exception):
         return data
+    if isinstance(data, BaseException):  # SystemExit and the like: an ordinary error here
+        data = exception_to_dict(data)
     if not isinstance(data, dict) or "exc_type" not in data:
         raise DecodeError(f"stored exception has no 'exc_type': {saferepr(data)}")
-    cls = _resolve_exception_class(str(data["exc_type"]), data.get("exc_module"))
+    module = data.get("exc_module")
+    cls = _resolve_exception_class(str(data["exc_type"]),
+                                   None if module is None else str(module))
     message = data.get("exc_message", "")
     try:
         if isinstance(message, list | tuple):

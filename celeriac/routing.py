@@ -75,19 +75,25 @@ def prepare(routes: Any) -> list[Router]:
     return out
 
 
+def _named(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` without unset values, a kombu ``Queue`` given as ``queue`` by its name."""
+    out = {k: v for k, v in options.items() if v is not None}
+    if not isinstance(out.get("queue", ""), str):
+        out["queue"] = getattr(out["queue"], "name", None)
+    return out
+
+
 def route_options(routers: list[Router], name: str, args: Any, kwargs: Any,
                   options: dict[str, Any]) -> dict[str, Any]:
     """The routing options for sending task ``name``: explicit ``options`` over the first
-    router's answer."""
+    router's answer (a queue is a name or a kombu ``Queue``, in both)."""
     for router in routers:
         found = router(name, args, kwargs, options, task=None)
         if found is None:
             continue
         routed = {"queue": found} if isinstance(found, str) else dict(found)
-        if not isinstance(routed.get("queue", ""), str):
-            routed["queue"] = getattr(routed["queue"], "name", None)  # a kombu Queue
-        return {**routed, **{k: v for k, v in options.items() if v is not None}}
-    return {k: v for k, v in options.items() if v is not None}
+        return {**_named(routed), **_named(options)}
+    return _named(options)
 
 
 def queue_specs(conf: Any) -> dict[str, QueueSpec]:

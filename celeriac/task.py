@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import difflib
 import inspect
 import random
 import time
@@ -11,13 +12,14 @@ import traceback as tb
 import warnings
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
 from . import states
 from .backends.base import history_entry
+from .conf import warn_once
 from .exceptions import Ignore, MaxRetriesExceededError, Reject, Retry
-from .protocol import RequestInfo, build_task_message, new_id, origin_name
+from .protocol import RequestInfo, aware_time, build_task_message, new_id, origin_name
 from .result import AsyncResult, EagerResult
 
 if TYPE_CHECKING:
@@ -50,8 +52,17 @@ class Request:
     ignore_result: bool = False
     is_eager: bool = False
     called_directly: bool = True
+    #: custom headers the producer added (``apply_async(headers=...)``), None without;
+    #: each is also readable as an attribute (``self.request.tenant``), as in Celery
+    headers: dict[str, Any] | None = None
     #: set by the worker: writes a state through the worker's ordered writer
     state_sink: Callable[[str, str, Any], None] | None = field(default=None, repr=False)
+
+    def __getattr__(self, name: str) -> Any:
+        headers = self.__dict__.get("headers")
+        if headers and name in headers and not name.startswith("_"):
+            return headers[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def info(self) -> RequestInfo:
         return RequestInfo(
@@ -99,6 +110,50 @@ NOT_IMPLEMENTED_OPTIONS = frozenset({
     "reject_on_worker_lost", "send_events", "expires", "trail", "base", "shared",
     "pydantic", "lazy",
 })
+
+
+#: ``apply_async`` / ``send_task`` options celeriac implements (beyond its named
+#: parameters).
+SEND_OPTIONS = frozenset({"headers", "shadow"})
+#: Celery's ``apply_async`` / ``send_task`` options (and kombu ``publish`` arguments
+#: Celery passes on) that celeriac does not implement, with why; passing one warns once.
+UNSUPPORTED_SEND_OPTIONS: dict[str, str] = {
+    **dict.fromkeys(("link", "link_error"),
+                    "is not supported yet: callbacks and error callbacks are not run"),
+    **dict.fromkeys(("exchange", "routing_key", "exchange_type", "declare"),
+                    "is not supported: celeriac routes by queue name (use queue=...)"),
+    **dict.fromkeys((
+        "producer", "connection", "publisher", "router", "result_cls", "add_to_parent",
+        "retry", "retry_policy", "compression", "group_id", "group_index", "chord",
+        "chain", "parent_id", "root_id", "reply_to", "retries", "route_name", "task_type",
+        "replaced_task_nesting", "stamped_headers", "argsrepr", "kwargsrepr", "origin",
+        "callbacks", "errbacks", "create_sent_event", "now", "timezone", "delivery_mode",
+        "mandatory", "immediate", "content_type", "content_encoding", "expiration",
+        "timeout", "confirm_timeout",
+    ), "is a Celery option celeriac does not implement"),
+}
+_SEND_PARAMETERS = ("task_id", "queue", "countdown", "eta", "expires", "priority",
+                    "serializer", "ignore_result", "time_limit", "soft_time_limit",
+                    *SEND_OPTIONS)
+
+
+def warn_unsupported_options(options: dict[str, Any]) -> None:
+    """Warn, once per name, about each option ``apply_async`` would otherwise drop
+    silently: Celery's options celeriac does not implement, and misspelt ones (with
+    the nearest right name)."""
+    for key in options:
+        if key in SEND_OPTIONS:
+            continue
+        why = UNSUPPORTED_SEND_OPTIONS.get(key)
+        if why is not None:
+            warn_once(f"send option {key}", f"apply_async option {key!r} {why}; it has no "
+                      "effect")
+            continue
+        near = difflib.get_close_matches(key, [*_SEND_PARAMETERS, *UNSUPPORTED_SEND_OPTIONS],
+                                         n=1, cutoff=0.75)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        warn_once(f"send option {key}", f"unknown apply_async option {key!r}{hint}: neither "
+                  "celeriac nor Celery has an option of that name; it has no effect")
 
 
 class Task(Generic[P, R]):
@@ -191,7 +246,7 @@ class Task(Generic[P, R]):
         **options: Any,
     ) -> AsyncResult[R]:
         if self.app.conf.task_always_eager:
-            return self.apply(args, kwargs, task_id=task_id)
+            return self.apply(args, kwargs, task_id=task_id, **options)
         return self.app.send_task(
             self.name, args, kwargs, task_id=task_id,
             queue=queue or self.queue, countdown=countdown, eta=eta, expires=expires,
@@ -209,8 +264,11 @@ class Task(Generic[P, R]):
 
     def apply(self, args: tuple[Any, ...] | list[Any] | None = None,
               kwargs: dict[str, Any] | None = None, *, task_id: str | None = None,
-              **_: Any) -> EagerResult[R]:
+              headers: dict[str, Any] | None = None, **options: Any) -> EagerResult[R]:
         """Run the task here and now; the outcome is kept in the returned result only."""
+        if options:
+            warn_unsupported_options(
+                {k: v for k, v in options.items() if k not in _SEND_PARAMETERS})
         task_id = task_id or new_id()
         history = [history_entry(states.PENDING, hostname=origin_name())]
 
@@ -220,7 +278,7 @@ class Task(Generic[P, R]):
         request = Request(
             id=task_id, task=self.name, args=list(args or ()), kwargs=dict(kwargs or {}),
             root_id=task_id, is_eager=True, called_directly=False, hostname=origin_name(),
-            state_sink=sink,
+            state_sink=sink, headers=dict(headers) if headers else None,
         )
         from .protocol import exception_to_dict, result_meta
 
@@ -397,9 +455,7 @@ def backoff_interval(factor: int, retries: int, maximum: float, jitter: bool) ->
 def eta_from(countdown: float | None, eta: datetime | None, now: datetime) -> datetime | None:
     if countdown is not None:
         return now + timedelta(seconds=countdown)
-    if eta is not None and eta.tzinfo is None:
-        return eta.replace(tzinfo=UTC)
-    return eta
+    return None if eta is None else aware_time(eta)
 
 
 def expires_from(expires: float | datetime | None, now: datetime) -> datetime | None:
@@ -407,7 +463,7 @@ def expires_from(expires: float | datetime | None, now: datetime) -> datetime | 
         return None
     if isinstance(expires, int | float):
         return now + timedelta(seconds=expires)
-    return expires if expires.tzinfo else expires.replace(tzinfo=UTC)
+    return aware_time(expires)
 
 
 __all__ = ["Request", "Task", "build_task_message", "current_request"]

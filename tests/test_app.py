@@ -31,6 +31,20 @@ def test_celery_setting_names_and_unknown_warnings():
     assert "unknown setting 'totally_made_up'" in messages[1]
 
 
+def test_mutable_defaults_are_not_shared_between_apps():
+    from celeriac.conf import DEFAULTS
+
+    one, two = Celery("one", broker="memory://"), Celery("two", broker="memory://")
+    one.conf.broker_transport_options["visibility_timeout"] = 5
+    one.conf.task_publish_retry_policy["max_retries"] = 0
+    one.conf.result_backend_transport_options["global_keyprefix"] = "one:"
+    assert two.conf.broker_transport_options == {}
+    assert two.conf.task_publish_retry_policy["max_retries"] == 3
+    assert two.conf.result_backend_transport_options == {}
+    assert Celery("three", broker="memory://").conf.broker_transport_options == {}
+    assert DEFAULTS["broker_transport_options"] == {}
+
+
 def test_config_from_object_with_namespace(project):
     write_module(project, "settings", """
         CELERY_BROKER_URL = 'memory://ns'

@@ -110,3 +110,16 @@ def test_unknown_exception_class_is_synthesized_never_unpickled():
     with pytest.raises(SecurityError):
         exception_from_dict({"exc_type": "system", "exc_message": ["echo hi"],
                              "exc_module": "os"})
+
+
+@pytest.mark.parametrize("zone", [None, "Asia/Tokyo", "America/New_York"])
+@pytest.mark.parametrize("value", ["2030-01-01T12:00:00", "2030-07-01T12:00:00.250000",
+                                   "2030-01-01T12:00:00+09:00", "2030-01-01T12:00:00-05:00"])
+def test_eta_and_expires_read_as_celery_reads_them(zone, value):
+    """Naive or not, whatever the app's time zone: the same instant as Celery's worker."""
+    from celery.utils.time import maybe_iso8601, maybe_make_aware
+
+    from celeriac.protocol import aware_time
+
+    theirs = maybe_make_aware(maybe_iso8601(value), zone)
+    assert aware_time(value) == theirs and aware_time(value).utcoffset() is not None

@@ -322,8 +322,9 @@ def test_result_extended_fields_in_celerys_order(project, workers):
 def test_a_task_raising_systemexit_fails_and_the_worker_goes_on(tasks, project, workers):
     workers.append(Worker(project, "tasks", concurrency=1))
     r = tasks.exits.delay()
-    with pytest.raises(SystemExit):
+    with pytest.raises(Exception, match="3") as info:  # an ordinary error in the caller
         r.get(timeout=10)
+    assert type(info.value).__name__ == "SystemExit"
     assert r.state == states.FAILURE
     assert tasks.add.delay(1, 1).get(timeout=10) == 2
 

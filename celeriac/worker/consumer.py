@@ -20,7 +20,6 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -866,6 +865,8 @@ class WorkerProcess:
     # ------------------------------------------------------------------ helpers
 
     def _request(self, call: TaskCall, task: Task[Any, Any]) -> Request:
+        from ..protocol import custom_headers
+
         h = call.headers
         props = call.message.properties
         request = Request(
@@ -877,6 +878,7 @@ class WorkerProcess:
             origin=h.get("origin"), eta=h.get("eta"), expires=h.get("expires"),
             timelimit=tuple(h.get("timelimit") or (None, None)),  # type: ignore[arg-type]
             ignore_result=bool(h.get("ignore_result")), called_directly=False,
+            headers=custom_headers(h),
         )
         request.state_sink = self._state_sink(request)
         return request
@@ -903,21 +905,25 @@ class WorkerProcess:
 
     def _expires_in(self, call: TaskCall) -> float | None:
         """Seconds until the message's ``expires`` (None when it has none)."""
+        from ..protocol import aware_time
+
         expires = call.headers.get("expires")
         if not expires:
             return None
-        try:
-            return (datetime.fromisoformat(expires) - self.app.now()).total_seconds()
+        try:  # a naive value is UTC, as Celery reads it
+            return (aware_time(expires) - self.app.now()).total_seconds()
         except (TypeError, ValueError):
             return None
 
     def _eta_delay(self, call: TaskCall) -> float:
         """Seconds until the message's ``eta`` (0 when it has none or it has passed)."""
+        from ..protocol import aware_time
+
         eta = call.headers.get("eta")
         if not eta:
             return 0.0
-        try:
-            return max(0.0, (datetime.fromisoformat(eta) - self.app.now()).total_seconds())
+        try:  # a naive value is UTC, as Celery reads it
+            return max(0.0, (aware_time(eta) - self.app.now()).total_seconds())
         except (TypeError, ValueError):
             return 0.0
 
