@@ -15,9 +15,10 @@ from .backends.base import Record, history_entry
 from .brokers import Broker, broker_from_url
 from .conf import Settings, settings_from_object
 from .control import Control
-from .protocol import build_task_message, new_id, origin_name
+from .protocol import EMBED_DEFAULTS, Message, build_task_message, new_id, origin_name
 from .result import AsyncResult
 from .routing import QueueSpec, prepare, queue_specs, route_options
+from .signals import Signal, after_task_publish, before_task_publish
 from .task import Task, current_request, eta_from, expires_from, warn_unsupported_options
 
 P = ParamSpec("P")
@@ -50,14 +51,24 @@ class Celeriac:
                  **settings: Any) -> None:
         global _current_app
         self.main = main
-        self.conf = Settings(settings)
+        self._conf = Settings(settings)
+        self._configured = False
+        self._finalized = False
         if broker:
-            self.conf.broker_url = broker
+            self._conf.broker_url = broker
         if backend:
-            self.conf.result_backend = backend
+            self._conf.result_backend = backend
         if include:
-            self.conf.include = tuple(include)
-        self.tasks: dict[str, Task[Any, Any]] = {}
+            self._conf.include = tuple(include)
+        self._tasks: dict[str, Task[Any, Any]] = {}
+        #: Celery's app signals, sent with ``sender=app``: ``on_configure`` and
+        #: ``on_after_configure`` (``source=conf``) when the settings are first read,
+        #: ``on_after_finalize`` when the task registry is first used, and
+        #: ``on_after_fork`` in each new worker process.
+        self.on_configure = Signal("app.on_configure")
+        self.on_after_configure = Signal("app.on_after_configure", {"source"})
+        self.on_after_finalize = Signal("app.on_after_finalize")
+        self.on_after_fork = Signal("app.on_after_fork")
         self._lock = threading.Lock()
         self._broker: Broker | None = None
         self._backend: Backend | None = None
@@ -70,9 +81,33 @@ class Celeriac:
 
     # ------------------------------------------------------------------ configuration
 
+    @property
+    def conf(self) -> Settings:
+        """The settings.  As in Celery, the first read sends ``on_configure`` and then
+        ``on_after_configure``: connect their receivers before anything reads it
+        (``config_from_object`` does not)."""
+        if not self._configured:
+            self._configured = True
+            self.on_configure.send(sender=self)
+            self.on_after_configure.send(sender=self, source=self._conf)
+        return self._conf
+
     def config_from_object(self, obj: Any, namespace: str | None = None) -> None:
-        self.conf.update(settings_from_object(obj, namespace))
+        self._conf.update(settings_from_object(obj, namespace))
         self._reset_connections()
+
+    @property
+    def tasks(self) -> dict[str, Task[Any, Any]]:
+        """The task registry (name -> task); its first use finalizes the app."""
+        if not self._finalized:
+            self.finalize()
+        return self._tasks
+
+    def finalize(self) -> None:
+        """Close the registry's set-up: sends ``on_after_finalize`` (once)."""
+        if not self._finalized:
+            self._finalized = True
+            self.on_after_finalize.send(sender=self)
 
     @property
     def broker_url(self) -> str:
@@ -196,7 +231,7 @@ class Celeriac:
         def register(f: Callable[..., Any]) -> Task[Any, Any]:
             task_name = name or self.gen_task_name(f.__name__, f.__module__)
             task: Task[Any, Any] = Task(self, f, task_name, bind=bind, **options)
-            self.tasks[task_name] = task
+            self._tasks[task_name] = task
             return task
 
         return register(fun) if fun is not None else register
@@ -248,13 +283,36 @@ class Celeriac:
             priority=priority if priority is not None else conf.task_default_priority,
             reply_to=self.oid, shadow=shadow, headers=headers,
         )
-        if ignore_result:
+        sent = None if ignore_result else [Record(task_id, history_entry(
+            states.PENDING, {"task": name, "queue": queue}, hostname=origin_name()))]
+        self.publish(message, args or (), kwargs or {}, sent)
+        return AsyncResult(task_id, app=self, task_name=name)
+
+    def publish(self, message: Message, args: tuple[Any, ...] | list[Any],
+                kwargs: dict[str, Any], sent: list[Record] | None = None) -> None:
+        """Publish a task message (after writing ``sent``, its "sent" history, where
+        given), between Celery's ``before_task_publish`` and ``after_task_publish``
+        signals (sent only when something listens).  A ``before_task_publish``
+        receiver may change ``headers`` and ``properties``: what it changes is sent."""
+        name = message.headers["task"]
+        body = None
+        if before_task_publish.receivers or after_task_publish.receivers:
+            body = (tuple(args), dict(kwargs), dict(EMBED_DEFAULTS))
+        if before_task_publish.receivers:
+            properties = {k: message.properties.get(k) for k in ("correlation_id", "reply_to")}
+            before_task_publish.send(
+                sender=name, body=body, exchange="", routing_key=message.queue,
+                headers=message.headers, properties=properties,
+                declare=[self.queue_spec(message.queue)],
+                retry_policy=dict(self.conf.task_publish_retry_policy))
+            message.properties.update(properties)
+        if sent is None:
             self.broker.publish(message)
         else:
-            sent = Record(task_id, history_entry(states.PENDING, {"task": name, "queue": queue},
-                                                 hostname=origin_name()))
-            self.broker.publish_after(self.backend, [sent], message)
-        return AsyncResult(task_id, app=self, task_name=name)
+            self.broker.publish_after(self.backend, sent, message)
+        if after_task_publish.receivers:
+            after_task_publish.send(sender=name, body=body, headers=message.headers,
+                                    exchange="", routing_key=message.queue)
 
     @property
     def control(self) -> Control:

@@ -133,3 +133,25 @@ STORED_NAME: dict[type[BaseException], tuple[str, str]] = {
 }
 CELERY_NAMED: dict[tuple[str, str], type[BaseException]] = {
     name: cls for cls, name in STORED_NAME.items()}
+
+
+class ExceptionInfo:
+    """An exception with its traceback, as Celery's signals pass it (``einfo``):
+    ``exception``, ``type``, ``tb`` (the traceback object) and ``traceback`` (text)."""
+
+    def __init__(self, exception: BaseException, traceback: str | None = None,
+                 internal: bool = False) -> None:
+        import traceback as tb
+
+        self.exception = exception
+        self.type = type(exception)
+        self.tb = exception.__traceback__
+        self.traceback = traceback if traceback is not None else "".join(
+            tb.format_exception(type(exception), exception, exception.__traceback__))
+        self.internal = internal
+
+    def __str__(self) -> str:
+        return self.traceback
+
+    def __repr__(self) -> str:
+        return f"<ExceptionInfo: {self.exception!r}>"

@@ -18,9 +18,18 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 from . import states
 from .backends.base import history_entry
 from .conf import warn_once
-from .exceptions import Ignore, MaxRetriesExceededError, Reject, Retry
+from .exceptions import (
+    ExceptionInfo,
+    Ignore,
+    MaxRetriesExceededError,
+    Reject,
+    Retry,
+    TaskRevokedError,
+    TimeLimitExceeded,
+)
 from .protocol import RequestInfo, aware_time, build_task_message, new_id, origin_name
 from .result import AsyncResult, EagerResult
+from .signals import task_failure, task_postrun, task_prerun, task_retry, task_success
 
 if TYPE_CHECKING:
     from .app import Celeriac
@@ -407,17 +416,52 @@ def _ended(task: Task[Any, Any], exc: BaseException, started: float) -> Outcome:
     return _failure(exc, started)
 
 
+def _prerun(task: Task[Any, Any], request: Request) -> None:
+    if task_prerun.receivers:
+        task_prerun.send(sender=task, task_id=request.id, task=task, args=request.args,
+                         kwargs=request.kwargs)
+
+
+def _ran(task: Task[Any, Any], request: Request, outcome: Outcome) -> Outcome:
+    """Celery's signals for how a run ended, sent where the task ran (its thread, its
+    context), in Celery's order: task_success, task_failure or task_retry, then
+    task_postrun.  A run the worker stopped (hard time limit, terminate) gets its
+    signals from the worker instead, as only the worker knows how it ended."""
+    state, value = outcome.state, outcome.value
+    if isinstance(value, TimeLimitExceeded | TaskRevokedError):
+        return outcome
+    if state == states.SUCCESS:
+        if task_success.receivers:
+            task_success.send(sender=task, result=value, runtime=outcome.runtime)
+    elif state == states.FAILURE:
+        if task_failure.receivers:
+            task_failure.send(sender=task, task_id=request.id, exception=value,
+                              args=request.args, kwargs=request.kwargs,
+                              traceback=value.__traceback__,
+                              einfo=ExceptionInfo(value, outcome.traceback))
+    elif state == states.RETRY and task_retry.receivers:
+        task_retry.send(sender=task, request=request, reason=value,
+                        einfo=ExceptionInfo(value, outcome.traceback))
+    if task_postrun.receivers:
+        task_postrun.send(sender=task, task_id=request.id, task=task, args=request.args,
+                          kwargs=request.kwargs, retval=value, state=state)
+    return outcome
+
+
 def execute_sync(task: Task[Any, Any], request: Request) -> Outcome:
     """Run a task (sync or async) in this thread with ``request`` as its context."""
     token = _current.set(request)
     started = time.perf_counter()
     try:
+        _prerun(task, request)
         value = task.run(*_bound_args(task, request), **request.kwargs)
         if inspect.isawaitable(value):
             value = asyncio.run(_await(value))
-        return Outcome(states.SUCCESS, value, None, time.perf_counter() - started)
+        outcome = Outcome(states.SUCCESS, value, None, time.perf_counter() - started)
     except BaseException as exc:
-        return _ended(task, exc, started)
+        outcome = _ended(task, exc, started)
+    try:
+        return _ran(task, request, outcome)
     finally:
         _current.reset(token)
 
@@ -434,13 +478,15 @@ async def execute_async(
     ``wrap`` is what the task's coroutine is awaited through (time limits)."""
     started = time.perf_counter()
     try:
+        _prerun(task, request)
         coro = task.run(*_bound_args(task, request), **request.kwargs)
         value = await (coro if wrap is None else wrap(coro))
-        return Outcome(states.SUCCESS, value, None, time.perf_counter() - started)
+        outcome = Outcome(states.SUCCESS, value, None, time.perf_counter() - started)
     except asyncio.CancelledError:
         raise
     except BaseException as exc:
-        return _ended(task, exc, started)
+        outcome = _ended(task, exc, started)
+    return _ran(task, request, outcome)
 
 
 def backoff_interval(factor: int, retries: int, maximum: float, jitter: bool) -> int:
