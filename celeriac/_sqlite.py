@@ -71,19 +71,29 @@ def retry_busy(fn: Callable[..., T], *args: Any) -> T:
 @contextlib.contextmanager
 def write_transaction(conn: sqlite3.Connection, *,
                       wait: bool = True) -> Iterator[sqlite3.Connection]:
-    """``BEGIN IMMEDIATE`` ... ``COMMIT``.  Waits for the write lock (short, growing
-    pauses) unless ``wait`` is False: then a held lock raises at once, for callers that
-    wait without blocking (the worker's event loop)."""
+    """``BEGIN IMMEDIATE`` ... ``COMMIT``, rolled back when anything in it (the COMMIT
+    too) fails.  Waits for the write lock (short, growing pauses) unless ``wait`` is
+    False: then a held lock raises at once, for callers that wait without blocking (the
+    worker's event loop)."""
     if wait:
         retry_busy(conn.execute, "BEGIN IMMEDIATE")
     else:
         conn.execute("BEGIN IMMEDIATE")
     try:
         yield conn
+        retry_busy(conn.execute, "COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        rollback(conn)
         raise
-    retry_busy(conn.execute, "COMMIT")
+
+
+def rollback(conn: sqlite3.Connection) -> None:
+    """End the connection's transaction, if one is open.  A COMMIT that fails (a deferred
+    constraint, a full disk) leaves it open, and every later ``BEGIN`` on the connection
+    would fail; some errors (SQLITE_FULL, SQLITE_IOERR...) have rolled it back already."""
+    if conn.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
 
 
 def connect(path: str) -> sqlite3.Connection:
