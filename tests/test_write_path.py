@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import importlib
 import sqlite3
 from pathlib import Path
 
 import pytest
+import redis
 
 from celeriac import Celery, states
 from celeriac._sqlite import write_transaction
+from celeriac.exceptions import BackendStoreError
 from celeriac.protocol import new_id
+
+from .conftest import Worker, write_module
 
 
 def test_a_failed_commit_is_rolled_back_and_the_connection_writes_again(tmp_path: Path):
@@ -52,3 +57,82 @@ def test_a_full_database_raises_its_own_error_and_writes_again_once_there_is_roo
         assert app.AsyncResult(tid).get(timeout=10) == 7
     finally:
         app.close()
+
+
+# ----------------------------------------------------------------------- refused for good
+
+REFUSED = """
+import os, sqlite3
+from celeriac import Celery, _sqlite
+
+# SQLite refuses a value longer than SQLITE_LIMIT_LENGTH (1 GB by default) with DataError
+# ("string or blob too big"); lower the limit so a test-sized result is refused the same way
+_connect = _sqlite.connect
+
+def connect(path):
+    conn = _connect(path)
+    conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, 100_000)
+    return conn
+
+_sqlite.connect = connect
+
+app = Celery('refused', broker=os.environ['TEST_BROKER'],
+             backend=os.environ.get('TEST_BACKEND'))
+
+@app.task
+def big(n):
+    return 'x' * n
+
+@app.task
+def add(x, y):
+    return x + y
+"""
+
+
+@pytest.fixture
+def refused(project, monkeypatch):
+    def load(broker: str, backend: str | None = None):
+        monkeypatch.setenv("TEST_BROKER", broker)
+        if backend:
+            monkeypatch.setenv("TEST_BACKEND", backend)
+        write_module(project, "refused", REFUSED)
+        return importlib.import_module("refused")
+    return load
+
+
+def test_a_result_sqlite_refuses_becomes_failure_and_the_process_goes_on(refused, project,
+                                                                         workers):
+    mod = refused(f"sqlite:///{project}/tasks.db")
+    workers.append(w := Worker(project, "refused", concurrency=1))
+    too_big = mod.big.delay(200_000)
+    after = [mod.add.delay(i, 1) for i in range(5)]
+    assert [r.get(timeout=30) for r in after] == [1, 2, 3, 4, 5]
+    with pytest.raises(BackendStoreError, match=r"SUCCESS of task .* could not be stored: "
+                                                r"DataError: string or blob too big"):
+        too_big.get(timeout=30)
+    assert [h["state"] for h in too_big.history] == [
+        states.PENDING, states.RECEIVED, states.FAILURE]
+    assert mod.big.delay(10).get(timeout=30) == "x" * 10  # the same process, still writing
+    assert "storing FAILURE in its place" in w.log
+
+
+def test_a_task_whose_redis_key_has_the_wrong_type_does_not_block_the_others(
+        refused, project, workers, redis_url):
+    mod = refused(redis_url, redis_url)
+    client = redis.Redis.from_url(redis_url)
+    blocked = new_id()
+    client.rpush(f"celery-task-meta-{blocked}", "not a meta")  # WRONGTYPE for every write
+    workers.append(w := Worker(project, "refused", concurrency=1))
+    before = [mod.add.delay(i, 1) for i in range(3)]
+    mod.add.apply_async((0, 0), task_id=blocked)
+    after = [mod.add.delay(i, 10) for i in range(3)]
+    assert [r.get(timeout=30) for r in before + after] == [1, 2, 3, 10, 11, 12]
+    w.wait_for_log(f"dropped the FAILURE of task {blocked}", timeout=30)
+    assert "WRONGTYPE" in w.log
+    assert client.type(f"celery-task-meta-{blocked}") == b"list"
+    assert [h["state"] for h in mod.app.AsyncResult(blocked).history] == [
+        states.PENDING, states.RECEIVED]
+    # nothing is left unacked, and a later task is written at once
+    assert mod.add.delay(2, 2).get(timeout=30) == 4
+    assert client.hlen("unacked") == 0
+    client.close()

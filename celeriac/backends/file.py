@@ -20,6 +20,7 @@ safe file names are refused (see ``protocol.check_task_id``).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -32,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 from .. import serialization, states
 from ..exceptions import DecodeError, ImproperlyConfigured, UnsafeTaskId
 from ..protocol import check_task_id
-from .base import Backend, Record, Roster
+from .base import Backend, Record, RecordsRefused, Roster
 
 if TYPE_CHECKING:
     from ..app import Celeriac
@@ -42,6 +43,9 @@ HISTORY_PREFIX = "celeriac-task-history-"
 REVOKED_FILE = "celeriac-revoked"
 WORKERS_DIR = "celeriac-workers"
 ROSTER_SUFFIX = ".tasks"
+#: OSError numbers that refuse a record for good (see ``FileBackend.permanent``).
+PERMANENT_ERRNOS = frozenset({errno.ENAMETOOLONG, errno.EISDIR, errno.ENOTDIR, errno.EFBIG,
+                              errno.EINVAL})
 
 
 def directory_from_url(url: str) -> str:
@@ -117,33 +121,50 @@ class FileBackend(Backend):
             raise
 
     def record(self, records: Sequence[Record], roster: Roster | None = None) -> list[bool]:
+        """Each record in turn; one refused for good (:meth:`permanent`) does not stop the
+        others, and :class:`RecordsRefused` names it once they are written."""
         if roster is not None and roster.started:
             roster_dir = self._roster_dir(roster.node)
             os.makedirs(roster_dir, exist_ok=True)
             for task_id in roster.started:
                 os.close(os.open(os.path.join(roster_dir, check_task_id(task_id)),
                                  os.O_WRONLY | os.O_CREAT, 0o644))
-        applied = self._record(records)
+        applied: list[bool] = []
+        refused: dict[int, BaseException] = {}
+        for n, r in enumerate(records):
+            try:
+                applied.append(self._record(r))
+            except Exception as exc:
+                if not self.permanent(exc):
+                    raise
+                refused[n] = exc
+                applied.append(False)
         if roster is not None:
             for task_id in roster.ended:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(self._roster_dir(roster.node), check_task_id(task_id)))
+        if refused:
+            raise RecordsRefused(refused)
         return applied
 
-    def _record(self, records: Sequence[Record]) -> list[bool]:
-        applied = []
-        for r in records:
-            with self._locked_history(r.task_id) as fd:
-                if r.state is not None:
-                    if not states.may_replace(self._stored_state(r.task_id), r.state):
-                        applied.append(False)
-                        continue
-                    assert r.payload is not None
-                    self._replace_meta(r.task_id, r.payload)
-                line = serialization.json_dumps_lenient(r.entry) + "\n"
-                os.write(fd, line.encode("utf-8"))
-                applied.append(True)
-        return applied
+    def permanent(self, exc: BaseException) -> bool:
+        """A file system refuses a record for good when the file name is too long for it
+        (a long task id), a directory or something else stands where the task's file
+        goes, or the file would exceed the size it allows; a full disk, missing
+        permissions and I/O errors are waited for."""
+        return super().permanent(exc) or (
+            isinstance(exc, OSError) and exc.errno in PERMANENT_ERRNOS)
+
+    def _record(self, r: Record) -> bool:
+        with self._locked_history(r.task_id) as fd:
+            if r.state is not None:
+                if not states.may_replace(self._stored_state(r.task_id), r.state):
+                    return False
+                assert r.payload is not None
+                self._replace_meta(r.task_id, r.payload)
+            line = serialization.json_dumps_lenient(r.entry) + "\n"
+            os.write(fd, line.encode("utf-8"))
+            return True
 
     def history(self, task_id: str) -> list[dict[str, Any]]:
         try:

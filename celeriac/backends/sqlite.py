@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import threading
 import time
 from collections.abc import Sequence
@@ -131,6 +132,15 @@ class SQLiteBackend(Backend):
                                    e["pid"], meta))
             applied.append(True)
         return applied
+
+    def permanent(self, exc: BaseException) -> bool:
+        """SQLite refuses a record for good with DataError (a value over the length limit,
+        SQLITE_TOOBIG), IntegrityError (a constraint), ProgrammingError and
+        InterfaceError (a value it cannot bind).  OperationalError (locked, busy, a full
+        disk, I/O) and the rest may pass: they are waited for."""
+        return super().permanent(exc) or isinstance(exc, (
+            sqlite3.DataError, sqlite3.IntegrityError, sqlite3.ProgrammingError,
+            sqlite3.InterfaceError, sqlite3.NotSupportedError))
 
     def ensure_tables(self) -> None:
         self.connections.get()  # a thread's first connection creates the tables
