@@ -111,24 +111,51 @@ def connect(path: str) -> sqlite3.Connection:
 
 
 class ThreadConnections:
-    """One connection per thread and per process (connections must not cross a fork)."""
+    """Connections to one file: one per thread that writes (a transaction holds its
+    connection from BEGIN to COMMIT), and one per process, behind a lock, that every
+    thread reads with, so threads that only read (many threads waiting in ``get()``)
+    open nothing of their own.  Connections must not cross a fork: a child opens its own."""
 
     def __init__(self, path: str, schema: str) -> None:
         self.path = path
         self._schema = schema
         self._local = threading.local()
+        self._reader: sqlite3.Connection | None = None
+        self._reader_pid = 0
+        self._reader_lock = threading.Lock()
 
     def get(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None or self._local.pid != os.getpid():
-            conn = connect(self.path)
-            retry_busy(conn.executescript, self._schema)
+            conn = self._open()
             self._local.conn = conn
             self._local.pid = os.getpid()
         return conn
 
+    def _open(self) -> sqlite3.Connection:
+        conn = connect(self.path)
+        retry_busy(conn.executescript, self._schema)
+        return conn
+
+    def read(self, sql: str, params: tuple[Any, ...],
+             fetch: Callable[[sqlite3.Cursor], T]) -> T:
+        """Run a read-only statement on the process's reading connection."""
+        if self._reader_pid != os.getpid():  # none yet, or the parent's (its lock too)
+            self._reader_lock = threading.Lock()
+            self._reader, self._reader_pid = None, os.getpid()
+        with self._reader_lock:
+            if self._reader is None:
+                self._reader = self._open()
+            return fetch(self._reader.execute(sql, params))
+
     def close(self) -> None:
+        """Close this thread's connection, and the reading one."""
         conn = getattr(self._local, "conn", None)
         if conn is not None and self._local.pid == os.getpid():
             conn.close()
         self._local.conn = None
+        if self._reader_pid == os.getpid():
+            with self._reader_lock:
+                if self._reader is not None:
+                    self._reader.close()
+                    self._reader = None

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ import redis
 
 from celeriac import Celery, states
 from celeriac._sqlite import write_transaction
+from celeriac.bell import bell_dir
 from celeriac.exceptions import BackendStoreError
 from celeriac.protocol import new_id
 
@@ -136,3 +139,58 @@ def test_a_task_whose_redis_key_has_the_wrong_type_does_not_block_the_others(
     assert mod.add.delay(2, 2).get(timeout=30) == 4
     assert client.hlen("unacked") == 0
     client.close()
+
+
+# ----------------------------------------------------------------------- waiting threads
+
+GATED = """
+import os, time
+from celeriac import Celery
+
+app = Celery('gated', broker=os.environ['TEST_BROKER'])
+
+@app.task
+def gated(i, gate):
+    while not os.path.exists(gate):  # held until the test opens the gate
+        time.sleep(0.01)
+    return i
+"""
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_threads_waiting_in_get_share_one_listener_and_one_connection(project, workers,
+                                                                    monkeypatch):
+    monkeypatch.setenv("TEST_BROKER", f"sqlite:///{project}/tasks.db")
+    write_module(project, "gated", GATED)
+    mod = importlib.import_module("gated")
+    workers.append(Worker(project, "gated", concurrency=2))
+    gate = project / "gate"
+    gate.touch()
+    assert mod.gated.delay(-1, str(gate)).get(timeout=30) == -1  # this process listens now
+    gate.unlink()
+    sockets = Path(bell_dir(str(project / "tasks.db"), "results"))
+    mine = f"{os.getpid()}-"
+    assert len([n for n in os.listdir(sockets) if n.startswith(mine)]) == 1
+    before = _fds()
+
+    results = [mod.gated.delay(i, str(gate)) for i in range(50)]
+    got: dict[int, int] = {}
+    waiting = threading.Barrier(51)
+
+    def wait_for(i: int) -> None:
+        waiting.wait()
+        got[i] = results[i].get(timeout=120)
+
+    threads = [threading.Thread(target=wait_for, args=(i,)) for i in range(50)]
+    for t in threads:
+        t.start()
+    waiting.wait()
+    gate.touch()
+    for t in threads:
+        t.join()
+    assert got == {i: i for i in range(50)}
+    assert _fds() - before <= 3
+    assert len([n for n in os.listdir(sockets) if n.startswith(mine)]) == 1

@@ -19,7 +19,6 @@ it instead of polling.
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import threading
 import time
@@ -29,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import serialization, states
 from .._sqlite import ThreadConnections, path_from_url, retry_busy, write_transaction
-from ..bell import Bell, Listener, bell_dir
+from ..bell import Bell, bell_dir, shared_listener
 from ..protocol import check_task_id
 from .base import Backend, Record, Roster
 
@@ -238,22 +237,22 @@ class SQLiteBackend(Backend):
         return row is not None
 
     def _one(self, sql: str, params: tuple[Any, ...]) -> Any:
-        return self.connections.get().execute(sql, params).fetchone()
+        return self.connections.read(sql, params, lambda cur: cur.fetchone())
 
     def _all(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
-        return self.connections.get().execute(sql, params).fetchall()
+        return self.connections.read(sql, params, lambda cur: cur.fetchall())
 
     def _wait_for_change(self, task_id: str, timeout: float, attempt: int) -> None:
-        listener: Listener | None = getattr(self._local, "listener", None)
-        if listener is None or listener.pid != os.getpid():  # none yet, or the parent's
+        """Sleep on the results bell, on one listener the process's threads share."""
+        shared = shared_listener(self._bell_dir)
+        seen: int | None = getattr(self._local, "seen", None)
+        if attempt == 0 or seen is None:
             # Listen first, then let the caller read again: no ring can fall in between.
-            self._local.listener = Listener(self._bell_dir)
+            self._local.seen = shared.start()
             return
-        listener.wait(min(timeout, WAIT_RECHECK))
+        shared.wait(seen, min(timeout, WAIT_RECHECK))
+        self._local.seen = shared.start()
 
     def close(self) -> None:
         self.connections.close()
-        listener = getattr(self._local, "listener", None)
-        if listener is not None:
-            listener.close()
-            self._local.listener = None
+        shared_listener(self._bell_dir).close()
