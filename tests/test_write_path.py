@@ -6,6 +6,7 @@ import importlib
 import os
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from celeriac.bell import bell_dir
 from celeriac.exceptions import BackendStoreError
 from celeriac.protocol import new_id
 
-from .conftest import Worker, write_module
+from .conftest import Worker, need_server, write_module
 
 
 def test_a_failed_commit_is_rolled_back_and_the_connection_writes_again(tmp_path: Path):
@@ -194,3 +195,62 @@ def test_threads_waiting_in_get_share_one_listener_and_one_connection(project, w
     assert got == {i: i for i in range(50)}
     assert _fds() - before <= 3
     assert len([n for n in os.listdir(sockets) if n.startswith(mine)]) == 1
+
+
+@pytest.fixture
+def full_redis(tmp_path):
+    """A Redis server of this test's own whose ``maxmemory`` policy is ``noeviction``
+    (writes past ``maxmemory`` are refused): its URL."""
+    import shutil
+    import socket
+    import subprocess
+
+    if shutil.which("redis-server") is None:
+        need_server("redis-server", "not installed")
+    with socket.socket() as s:  # a free port
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", str(tmp_path), "--maxmemory-policy", "noeviction"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            if time.monotonic() > deadline or server.poll() is not None:
+                server.kill()
+                need_server("redis-server", f"did not start on port {port}")
+            time.sleep(0.05)
+    client.close()
+    yield url
+    server.terminate()
+    server.wait()
+
+
+def test_a_full_redis_fails_what_it_refuses_and_the_process_goes_on(refused, project, workers,
+                                                                   full_redis):
+    mod = refused(f"sqlite:///{project}/tasks.db", full_redis)
+    client = redis.Redis.from_url(full_redis)
+    workers.append(w := Worker(project, "refused", concurrency=1))
+    assert mod.add.delay(1, 1).get(timeout=30) == 2
+    fillers = [f"filler-{i}" for i in range(60)]
+    for key in fillers:
+        client.set(key, b"x" * 100_000)
+    client.config_set("maxmemory", "4mb")  # it holds 6 MB: every write is refused
+    with pytest.raises(redis.exceptions.OutOfMemoryError):
+        client.set("one-more", b"x")
+    refused_task = mod.add.delay(2, 2)
+    w.wait_for_log(f"dropped the FAILURE of task {refused_task.id}", timeout=30)
+    assert "OutOfMemoryError: command not allowed when used memory" in w.log
+    client.delete(*fillers)  # room again
+    assert [mod.add.delay(i, 3).get(timeout=30) for i in range(3)] == [3, 4, 5]
+    assert refused_task.state == states.PENDING  # nothing of it could be stored
+    db = sqlite3.connect(project / "tasks.db")
+    assert db.execute("SELECT COUNT(*) FROM celeriac_messages").fetchone()[0] == 0  # all acked
+    db.close()
+    client.close()

@@ -161,8 +161,10 @@ class Backend(ABC):
 
     def cleanup(self, older_than: float) -> int:
         """Remove ready results (meta and history) last written before ``older_than``
-        (epoch seconds); returns how many.  The worker calls this for ``result_expires``.
-        A store that expires entries itself, or keeps nothing, leaves this as it is."""
+        (epoch seconds), and the histories of tasks sent before it that no worker ever
+        took (nothing stored, the newest entry the producer's PENDING); returns how many.
+        The worker calls this for ``result_expires``.  A store that expires entries
+        itself, or keeps nothing, leaves this as it is."""
         return 0
 
     # ------------------------------------------------------------------ revoke

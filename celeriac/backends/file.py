@@ -31,6 +31,7 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .. import serialization, states
+from ..control import bound_revoked
 from ..exceptions import DecodeError, ImproperlyConfigured, UnsafeTaskId
 from ..protocol import check_task_id
 from .base import Backend, Record, RecordsRefused, Roster
@@ -179,13 +180,17 @@ class FileBackend(Backend):
         return entries
 
     def add_revoked(self, task_ids: Sequence[str], until: float) -> None:
-        """Rewrite the revoked file (atomically, under a lock) with lapsed ids dropped."""
+        """Rewrite the revoked file (atomically, under a lock) with lapsed ids dropped and
+        the newest REVOKES_MAX kept."""
         path = os.path.join(self.directory, REVOKED_FILE)
         fd = os.open(path + ".lock", os.O_WRONLY | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             kept = self.revoked()
-            kept.update(dict.fromkeys(task_ids, until))
+            for task_id in task_ids:  # newest last
+                kept.pop(task_id, None)
+                kept[task_id] = until
+            bound_revoked(kept)
             self._replace(path, "".join(f"{t} {u}\n" for t, u in kept.items()).encode())
         finally:
             os.close(fd)
@@ -278,9 +283,12 @@ class FileBackend(Backend):
 
     def cleanup(self, older_than: float) -> int:
         """Unlink ready metas (and their histories) whose file was last written before
-        ``older_than``: real epoch seconds, whatever the app's time zone."""
+        ``older_than`` (real epoch seconds, whatever the app's time zone), and the
+        histories of tasks sent before it that no worker ever took."""
         removed = 0
         for entry in os.scandir(self.directory):
+            if entry.name.startswith(HISTORY_PREFIX):
+                removed += self._expire_unrun(entry, older_than)
             if not entry.name.startswith(META_PREFIX):
                 continue
             task_id = entry.name[len(META_PREFIX):]
@@ -296,6 +304,24 @@ class FileBackend(Backend):
             except (FileNotFoundError, UnsafeTaskId):
                 continue  # removed meanwhile, or not a file celeriac would write
         return removed
+
+    def _expire_unrun(self, entry: os.DirEntry[str], older_than: float) -> int:
+        """Unlink the history of a task no worker ever took — no meta, the newest entry
+        the producer's PENDING — last written before ``older_than``; 1 when removed."""
+        task_id = entry.name[len(HISTORY_PREFIX):]
+        try:
+            if entry.stat().st_mtime >= older_than or os.path.exists(self._meta_path(task_id)):
+                return 0
+            with self._locked_history(task_id):
+                history = self.history(task_id)
+                if (os.path.exists(self._meta_path(task_id)) or not history
+                        or history[-1].get("state") != states.PENDING
+                        or float(history[-1].get("timestamp", 0)) >= older_than):
+                    return 0
+                os.unlink(entry.path)
+            return 1
+        except (FileNotFoundError, UnsafeTaskId, TypeError, ValueError):
+            return 0  # removed meanwhile, or not a file celeriac would write
 
     def exists(self, task_id: str) -> bool:
         return os.path.exists(self._meta_path(task_id)) or os.path.exists(

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from .. import serialization, states
+from .. import control, serialization, states
 from ..brokers.redis import async_client, sync_client
 from ..exceptions import TimeoutError
 from ..protocol import check_task_id
@@ -359,6 +359,7 @@ class RedisBackend(Backend):
             pipe.zremrangebyscore(key, "-inf", time.time())
             for i in range(0, len(task_ids), CHUNK):
                 pipe.zadd(key, dict.fromkeys(task_ids[i:i + CHUNK], until))
+            pipe.zremrangebyrank(key, 0, -control.REVOKES_MAX - 1)  # keep those lapsing last
             pipe.execute()
 
     def revoked(self) -> dict[str, float]:

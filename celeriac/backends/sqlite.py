@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from sqlite3 import Connection
 from typing import TYPE_CHECKING, Any
 
-from .. import serialization, states
+from .. import control, serialization, states
 from .._sqlite import ThreadConnections, path_from_url, retry_busy, write_transaction
 from ..bell import Bell, bell_dir, shared_listener
 from ..protocol import check_task_id
@@ -166,6 +166,10 @@ class SQLiteBackend(Backend):
             conn.execute("DELETE FROM celeriac_revoked WHERE until < ?", (time.time(),))
             conn.executemany("INSERT OR REPLACE INTO celeriac_revoked (task_id, until) "
                              "VALUES (?, ?)", [(t, until) for t in task_ids])
+            # the newest REVOKES_MAX (a replaced row gets a new rowid: newest last)
+            conn.execute("DELETE FROM celeriac_revoked WHERE rowid <= (SELECT rowid FROM "
+                         "celeriac_revoked ORDER BY rowid DESC LIMIT 1 OFFSET ?)",
+                         (control.REVOKES_MAX,))
 
     def revoked(self) -> dict[str, float]:
         rows = retry_busy(self._all, "SELECT task_id, until FROM celeriac_revoked "
@@ -221,6 +225,9 @@ class SQLiteBackend(Backend):
             conn.execute("DELETE FROM celeriac_task_history WHERE task_id = ?", (task_id,))
 
     def cleanup(self, older_than: float) -> int:
+        """Ready results last written before ``older_than``, and the histories of tasks
+        sent before it that no worker ever took (nothing stored, the newest entry the
+        producer's PENDING)."""
         conn = self.connections.get()
         expired = f"status IN ({_READY_SQL}) AND updated_at < ?"
         with write_transaction(conn):
@@ -228,7 +235,14 @@ class SQLiteBackend(Backend):
                 "DELETE FROM celeriac_task_history WHERE task_id IN "
                 f"(SELECT task_id FROM celeriac_task_meta WHERE {expired})", (older_than,))
             cur = conn.execute(f"DELETE FROM celeriac_task_meta WHERE {expired}", (older_than,))
-        return cur.rowcount
+            removed = cur.rowcount
+            cur = conn.execute(
+                "DELETE FROM celeriac_task_history WHERE task_id IN ("
+                " SELECT task_id FROM celeriac_task_history WHERE seq IN"
+                "  (SELECT MAX(seq) FROM celeriac_task_history GROUP BY task_id)"
+                " AND state = ? AND timestamp < ? AND task_id NOT IN"
+                "  (SELECT task_id FROM celeriac_task_meta))", (states.PENDING, older_than))
+        return removed + cur.rowcount
 
     def exists(self, task_id: str) -> bool:
         row = retry_busy(self._one, "SELECT 1 FROM celeriac_task_meta WHERE task_id = ? UNION ALL "

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import states
 from ..backends.base import Record, RecordsRefused, Roster, history_entry
-from ..control import REVOKES_EXPIRE
+from ..control import REVOKES_EXPIRE, bound_revoked
 from ..exceptions import (
     BackendStoreError,
     DecodeError,
@@ -232,8 +232,8 @@ class Writer:
                                 backend.permanent)
             return next(iter(exc.refused.values()))
         except Exception as exc:
-            log.warning("writing %d results and %d acks failed (%r); writing them one by one",
-                        len(records), len(acks), exc)
+            log.warning("writing %d results and %d acks failed (%s); writing them one by one",
+                        len(records), len(acks), _describe(exc))
         error: BaseException | None = None
         # the roster's additions before the records, its removals after them
         before = None if roster is None else Roster(roster.node, roster.started)
@@ -262,7 +262,7 @@ class Writer:
         Any other record (a history entry, a custom state) is logged and dropped: the
         task goes on, and its end is stored as usual."""
         if record.state not in states.READY_STATES:
-            log.error("dropped %s: the store refuses it (%r)", _what(record), reason)
+            log.error("dropped %s: the store refuses it (%s)", _what(record), _describe(reason))
             return
         error = BackendStoreError(
             f"the {record.state} of task {record.task_id} could not be stored: "
@@ -333,10 +333,10 @@ async def _retrying(write: Any, what: str,
             exc = next(iter(error.refused.values())) if isinstance(
                 error, RecordsRefused) else error
             if permanent(exc):
-                log.error("dropped %s: %r", what, exc)
+                log.error("dropped %s: %s", what, _describe(exc))
                 return exc
             pause = next(pauses, WRITE_RETRY_DELAYS[-1])
-            log.warning("writing %s failed (%r); retrying in %ss", what, exc, pause)
+            log.warning("writing %s failed (%s); retrying in %ss", what, _describe(exc), pause)
             await asyncio.sleep(pause)
 
 
@@ -518,7 +518,9 @@ class WorkerProcess:
         ids = [ids] if isinstance(ids, str) else [str(i) for i in ids]
         until = time.time() + REVOKES_EXPIRE
         for task_id in ids:
+            self.revoked.pop(task_id, None)  # newest last: the bound forgets the oldest
             self.revoked[task_id] = until
+        bound_revoked(self.revoked)
         log.info("Tasks flagged as revoked: %s", ", ".join(ids))
         if arguments.get("terminate"):
             for task_id in ids:
