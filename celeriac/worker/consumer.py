@@ -243,7 +243,7 @@ class Writer:
                             backend.permanent)
         for record in records:
             failed = await _retrying(partial(settle, backend, [record], [], io),
-                                     _what(record), backend.permanent)
+                                     _what(record), backend.permanent, drop=False)
             if failed is not None:
                 await self._refused(record, failed)
             error = error or failed
@@ -319,10 +319,11 @@ def _outcome_of(job: asyncio.Future[Outcome], started: float, now: float) -> Out
     return Outcome(states.FAILURE, error, None, now - started)
 
 
-async def _retrying(write: Any, what: str,
-                    permanent: Callable[[BaseException], bool]) -> BaseException | None:
+async def _retrying(write: Any, what: str, permanent: Callable[[BaseException], bool], *,
+                    drop: bool = True) -> BaseException | None:
     """Call ``write`` until it succeeds, pausing longer each time (up to 8 s), unless it
-    fails for good (``permanent``): then the error is returned, not retried."""
+    fails for good (``permanent``): then the error is returned, not retried (and logged
+    as dropped, unless the caller does something else with it: ``drop=False``)."""
     pauses = iter(WRITE_RETRY_DELAYS)
     while True:
         try:
@@ -333,7 +334,8 @@ async def _retrying(write: Any, what: str,
             exc = next(iter(error.refused.values())) if isinstance(
                 error, RecordsRefused) else error
             if permanent(exc):
-                log.error("dropped %s: %s", what, _describe(exc))
+                if drop:
+                    log.error("dropped %s: %s", what, _describe(exc))
                 return exc
             pause = next(pauses, WRITE_RETRY_DELAYS[-1])
             log.warning("writing %s failed (%s); retrying in %ss", what, _describe(exc), pause)
