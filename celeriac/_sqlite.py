@@ -71,19 +71,29 @@ def retry_busy(fn: Callable[..., T], *args: Any) -> T:
 @contextlib.contextmanager
 def write_transaction(conn: sqlite3.Connection, *,
                       wait: bool = True) -> Iterator[sqlite3.Connection]:
-    """``BEGIN IMMEDIATE`` ... ``COMMIT``.  Waits for the write lock (short, growing
-    pauses) unless ``wait`` is False: then a held lock raises at once, for callers that
-    wait without blocking (the worker's event loop)."""
+    """``BEGIN IMMEDIATE`` ... ``COMMIT``, rolled back when anything in it (the COMMIT
+    too) fails.  Waits for the write lock (short, growing pauses) unless ``wait`` is
+    False: then a held lock raises at once, for callers that wait without blocking (the
+    worker's event loop)."""
     if wait:
         retry_busy(conn.execute, "BEGIN IMMEDIATE")
     else:
         conn.execute("BEGIN IMMEDIATE")
     try:
         yield conn
+        retry_busy(conn.execute, "COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        rollback(conn)
         raise
-    retry_busy(conn.execute, "COMMIT")
+
+
+def rollback(conn: sqlite3.Connection) -> None:
+    """End the connection's transaction, if one is open.  A COMMIT that fails (a deferred
+    constraint, a full disk) leaves it open, and every later ``BEGIN`` on the connection
+    would fail; some errors (SQLITE_FULL, SQLITE_IOERR...) have rolled it back already."""
+    if conn.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
 
 
 def connect(path: str) -> sqlite3.Connection:
@@ -101,24 +111,51 @@ def connect(path: str) -> sqlite3.Connection:
 
 
 class ThreadConnections:
-    """One connection per thread and per process (connections must not cross a fork)."""
+    """Connections to one file: one per thread that writes (a transaction holds its
+    connection from BEGIN to COMMIT), and one per process, behind a lock, that every
+    thread reads with, so threads that only read (many threads waiting in ``get()``)
+    open nothing of their own.  Connections must not cross a fork: a child opens its own."""
 
     def __init__(self, path: str, schema: str) -> None:
         self.path = path
         self._schema = schema
         self._local = threading.local()
+        self._reader: sqlite3.Connection | None = None
+        self._reader_pid = 0
+        self._reader_lock = threading.Lock()
 
     def get(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None or self._local.pid != os.getpid():
-            conn = connect(self.path)
-            retry_busy(conn.executescript, self._schema)
+            conn = self._open()
             self._local.conn = conn
             self._local.pid = os.getpid()
         return conn
 
+    def _open(self) -> sqlite3.Connection:
+        conn = connect(self.path)
+        retry_busy(conn.executescript, self._schema)
+        return conn
+
+    def read(self, sql: str, params: tuple[Any, ...],
+             fetch: Callable[[sqlite3.Cursor], T]) -> T:
+        """Run a read-only statement on the process's reading connection."""
+        if self._reader_pid != os.getpid():  # none yet, or the parent's (its lock too)
+            self._reader_lock = threading.Lock()
+            self._reader, self._reader_pid = None, os.getpid()
+        with self._reader_lock:
+            if self._reader is None:
+                self._reader = self._open()
+            return fetch(self._reader.execute(sql, params))
+
     def close(self) -> None:
+        """Close this thread's connection, and the reading one."""
         conn = getattr(self._local, "conn", None)
         if conn is not None and self._local.pid == os.getpid():
             conn.close()
         self._local.conn = None
+        if self._reader_pid == os.getpid():
+            with self._reader_lock:
+                if self._reader is not None:
+                    self._reader.close()
+                    self._reader = None

@@ -26,6 +26,8 @@ import os
 import select
 import socket
 import tempfile
+import threading
+import time
 
 #: Longest socket path the kernel takes is 107 bytes; leave room for the socket's name.
 _MAX_DIR = 107 - len("/4194304-0123abcd.idle")
@@ -144,6 +146,95 @@ class Listener:
             with contextlib.suppress(OSError):
                 os.unlink(self.path)
         self._sock.close()
+
+
+class SharedListener:
+    """One listener for all the threads of a process that wait on a bell (``get()`` in
+    many threads): one socket, one socket file, one ring per process per commit.
+
+    A thread notes :attr:`rings` *before* it reads the store, then waits (:meth:`wait`) for
+    that count to change.  One waiting thread at a time sleeps on the socket and counts
+    each ring it takes; the others sleep on a condition it notifies.  A ring that comes
+    while nobody sleeps on the socket stays queued in it, so none is lost.  A forked
+    child gets its own (:func:`shared_listener`)."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.pid = os.getpid()
+        self._listener: Listener | None = None
+        self._cond = threading.Condition()
+        self._leading = False
+        #: rings taken so far
+        self.rings = 0
+
+    def start(self) -> int:
+        """Listen (from now on no ring is missed); returns :attr:`rings` to wait on."""
+        with self._cond:
+            if self._listener is None:
+                self._listener = Listener(self.directory)
+            return self.rings
+
+    def wait(self, seen: int, timeout: float) -> bool:
+        """Block until a ring after ``seen`` was taken, or ``timeout`` s pass; True when
+        rung."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self.rings == seen:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                if self._leading or self._listener is None:
+                    self._cond.wait(remaining)
+                    continue
+                self._leading = True  # this thread sleeps on the socket for all
+                listener = self._listener
+                self._cond.release()
+                try:
+                    rung = listener.wait(remaining)
+                except (OSError, ValueError):  # closed meanwhile (close())
+                    rung = False
+                finally:
+                    self._cond.acquire()
+                    self._leading = False
+                if rung:
+                    self.rings += 1
+                self._cond.notify_all()  # the rung wake up; one of the others leads next
+            return True
+
+    def close(self) -> None:
+        with self._cond:
+            if self._listener is not None:
+                self._listener.close()
+                self._listener = None
+            self._cond.notify_all()
+
+
+_shared: dict[str, SharedListener] = {}
+_shared_lock = threading.Lock()
+
+
+def shared_listener(directory: str) -> SharedListener:
+    """This process's :class:`SharedListener` on ``directory``."""
+    with _shared_lock:
+        found = _shared.get(directory)
+        if found is None:
+            found = _shared[directory] = SharedListener(directory)
+        return found
+
+
+def _forget_shared_after_fork() -> None:
+    """In a forked child: the parent's listeners are not ours (their sockets are closed
+    here, their files left to the parent), and their locks may be held by threads that
+    do not exist here."""
+    global _shared_lock
+    _shared_lock = threading.Lock()
+    for shared in _shared.values():
+        if shared._listener is not None:
+            shared._listener.close()  # only the owner removes the file
+    _shared.clear()
+
+
+os.register_at_fork(after_in_child=_forget_shared_after_fork)
 
 
 def _sweep(directory: str) -> None:

@@ -4,7 +4,8 @@ Only ``revoke`` (and ``terminate``) is built.  A revoke does three things, so th
 holds whichever workers are up:
 
 1. it keeps the ids in the result store's revoke record (``Backend.add_revoked``) for
-   REVOKES_EXPIRE seconds: a worker that starts later reads it, and never runs them;
+   REVOKES_EXPIRE seconds (the newest REVOKES_MAX of them): a worker that starts later
+   reads it, and never runs them;
 2. it broadcasts Celery's ``revoke`` command (``Broker.broadcast``: the ``celery.pidbox``
    fanout on RabbitMQ and Redis), which celeriac and Celery workers both obey;
 3. it stores REVOKED at once for the tasks that have not started (nothing ready stored,
@@ -15,7 +16,9 @@ holds whichever workers are up:
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -29,10 +32,25 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("celeriac.control")
 
-#: How long a revoke holds (seconds): Celery workers remember a revoked id three hours.
-REVOKES_EXPIRE = 10800.0
+#: How long a revoke holds (seconds): Celery workers remember a revoked id three hours
+#: (``CELERY_WORKER_REVOKE_EXPIRES`` in the environment, Celery's name, changes it).
+REVOKES_EXPIRE = float(os.environ.get("CELERY_WORKER_REVOKE_EXPIRES") or 10800)
+#: Most revoked ids kept, in the result store's revoke record and in each worker
+#: process's memory; past it the oldest revokes are forgotten first.  Celery's bound
+#: (``CELERY_WORKER_REVOKES_MAX`` in the environment, Celery's name, changes it).
+REVOKES_MAX = max(1, int(os.environ.get("CELERY_WORKER_REVOKES_MAX") or 50000))
 #: REVOKED states written per batch.
 CHUNK = 1000
+
+
+def bound_revoked(revoked: dict[str, float]) -> None:
+    """Keep at most REVOKES_MAX revoked ids in ``revoked`` (oldest first in it): past
+    that, the oldest tenth of the bound goes at once, so a flood costs one trim per
+    REVOKES_MAX // 10 revokes."""
+    excess = len(revoked) - REVOKES_MAX
+    if excess > 0:
+        for task_id in list(itertools.islice(revoked, excess + REVOKES_MAX // 10)):
+            del revoked[task_id]
 
 
 def command(method: str, arguments: dict[str, Any],

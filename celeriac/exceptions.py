@@ -48,6 +48,11 @@ class UnsafeTaskId(CeleriacError, ValueError):
     """A task id cannot be used as a storage key (path separators, control characters...)."""
 
 
+class BackendStoreError(CeleriacError):
+    """The result store refused to keep a task's state for good (too big, a key of the
+    wrong type...): stored as the task's FAILURE in its place."""
+
+
 class SecurityError(CeleriacError):
     """A stored exception named something that is not an exception class."""
 
@@ -129,6 +134,7 @@ STORED_NAME: dict[type[BaseException], tuple[str, str]] = {
         TimeoutError, NotRegistered, EncodeError, DecodeError, ContentDisallowed,
         TaskRevokedError, WorkerLostError, SoftTimeLimitExceeded, TimeLimitExceeded,
         MaxRetriesExceededError, Ignore, Reject, Retry, ImproperlyConfigured, SecurityError,
+        BackendStoreError,
     )
 }
 CELERY_NAMED: dict[tuple[str, str], type[BaseException]] = {

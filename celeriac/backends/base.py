@@ -9,7 +9,8 @@ A backend keeps, per task id:
   ``{"state", "timestamp", "hostname", "pid", "meta"}``.
 
 A store implements five operations (``_get``, ``record``, ``history``, ``forget``,
-``exists``); it may improve ``_wait_for_change`` and ``waiting``, and implement
+``exists``); it may improve ``_wait_for_change``, ``waiting`` and ``permanent`` (which
+of its errors retrying cannot mend), and implement
 ``cleanup``, the revoke record (``add_revoked`` / ``revoked``) and worker heartbeats
 (``heartbeat`` / ``stale_nodes`` / ``claim_node`` / ``forget_node``, with the
 :class:`Roster` that ``record`` takes).
@@ -34,7 +35,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from .. import serialization, states
-from ..exceptions import TimeoutError
+from ..exceptions import CeleriacError, TimeoutError
 from ..protocol import RequestInfo, check_task_id, exception_to_dict, result_meta
 
 if TYPE_CHECKING:
@@ -61,6 +62,18 @@ class Roster:
     node: str
     started: Sequence[str] = ()
     ended: Sequence[str] = ()
+
+
+class RecordsRefused(CeleriacError):
+    """Raised by a store that writes a batch record by record (Redis, file) when some
+    records were refused for good (:meth:`Backend.permanent`): ``refused`` maps their
+    positions in the batch to the error; every other record, and the roster, was written.
+    Acks settled with the batch may not have been sent."""
+
+    def __init__(self, refused: dict[int, BaseException]) -> None:
+        self.refused = refused
+        super().__init__(f"{len(refused)} records refused: "
+                         + ", ".join(repr(e) for e in refused.values()))
 
 
 def history_entry(state: str, meta: Any = None, *, hostname: str | None = None,
@@ -136,10 +149,22 @@ class Backend(ABC):
     def exists(self, task_id: str) -> bool:
         """Whether anything (meta or history) is stored for the id."""
 
+    def permanent(self, exc: BaseException) -> bool:
+        """Whether a write failed for good: the store refuses this very record (too big,
+        a key of the wrong type, an id it cannot keep) and would refuse it again — as
+        opposed to a store that is down, busy or restarting, which the worker waits for.
+        The worker stores FAILURE in place of a ready state refused so, and drops any
+        other record refused so; the rest of its writes go on.  These errors are
+        permanent in every store; each store adds its own."""
+        return isinstance(exc, CeleriacError | TypeError | ValueError | KeyError
+                          | OverflowError | RecursionError)
+
     def cleanup(self, older_than: float) -> int:
         """Remove ready results (meta and history) last written before ``older_than``
-        (epoch seconds); returns how many.  The worker calls this for ``result_expires``.
-        A store that expires entries itself, or keeps nothing, leaves this as it is."""
+        (epoch seconds), and the histories of tasks sent before it that no worker ever
+        took (nothing stored, the newest entry the producer's PENDING); returns how many.
+        The worker calls this for ``result_expires``.  A store that expires entries
+        itself, or keeps nothing, leaves this as it is."""
         return 0
 
     # ------------------------------------------------------------------ revoke

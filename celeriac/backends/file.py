@@ -20,6 +20,7 @@ safe file names are refused (see ``protocol.check_task_id``).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -30,9 +31,10 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .. import serialization, states
+from ..control import bound_revoked
 from ..exceptions import DecodeError, ImproperlyConfigured, UnsafeTaskId
 from ..protocol import check_task_id
-from .base import Backend, Record, Roster
+from .base import Backend, Record, RecordsRefused, Roster
 
 if TYPE_CHECKING:
     from ..app import Celeriac
@@ -42,6 +44,9 @@ HISTORY_PREFIX = "celeriac-task-history-"
 REVOKED_FILE = "celeriac-revoked"
 WORKERS_DIR = "celeriac-workers"
 ROSTER_SUFFIX = ".tasks"
+#: OSError numbers that refuse a record for good (see ``FileBackend.permanent``).
+PERMANENT_ERRNOS = frozenset({errno.ENAMETOOLONG, errno.EISDIR, errno.ENOTDIR, errno.EFBIG,
+                              errno.EINVAL})
 
 
 def directory_from_url(url: str) -> str:
@@ -117,33 +122,50 @@ class FileBackend(Backend):
             raise
 
     def record(self, records: Sequence[Record], roster: Roster | None = None) -> list[bool]:
+        """Each record in turn; one refused for good (:meth:`permanent`) does not stop the
+        others, and :class:`RecordsRefused` names it once they are written."""
         if roster is not None and roster.started:
             roster_dir = self._roster_dir(roster.node)
             os.makedirs(roster_dir, exist_ok=True)
             for task_id in roster.started:
                 os.close(os.open(os.path.join(roster_dir, check_task_id(task_id)),
                                  os.O_WRONLY | os.O_CREAT, 0o644))
-        applied = self._record(records)
+        applied: list[bool] = []
+        refused: dict[int, BaseException] = {}
+        for n, r in enumerate(records):
+            try:
+                applied.append(self._record(r))
+            except Exception as exc:
+                if not self.permanent(exc):
+                    raise
+                refused[n] = exc
+                applied.append(False)
         if roster is not None:
             for task_id in roster.ended:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(self._roster_dir(roster.node), check_task_id(task_id)))
+        if refused:
+            raise RecordsRefused(refused)
         return applied
 
-    def _record(self, records: Sequence[Record]) -> list[bool]:
-        applied = []
-        for r in records:
-            with self._locked_history(r.task_id) as fd:
-                if r.state is not None:
-                    if not states.may_replace(self._stored_state(r.task_id), r.state):
-                        applied.append(False)
-                        continue
-                    assert r.payload is not None
-                    self._replace_meta(r.task_id, r.payload)
-                line = serialization.json_dumps_lenient(r.entry) + "\n"
-                os.write(fd, line.encode("utf-8"))
-                applied.append(True)
-        return applied
+    def permanent(self, exc: BaseException) -> bool:
+        """A file system refuses a record for good when the file name is too long for it
+        (a long task id), a directory or something else stands where the task's file
+        goes, or the file would exceed the size it allows; a full disk, missing
+        permissions and I/O errors are waited for."""
+        return super().permanent(exc) or (
+            isinstance(exc, OSError) and exc.errno in PERMANENT_ERRNOS)
+
+    def _record(self, r: Record) -> bool:
+        with self._locked_history(r.task_id) as fd:
+            if r.state is not None:
+                if not states.may_replace(self._stored_state(r.task_id), r.state):
+                    return False
+                assert r.payload is not None
+                self._replace_meta(r.task_id, r.payload)
+            line = serialization.json_dumps_lenient(r.entry) + "\n"
+            os.write(fd, line.encode("utf-8"))
+            return True
 
     def history(self, task_id: str) -> list[dict[str, Any]]:
         try:
@@ -158,13 +180,17 @@ class FileBackend(Backend):
         return entries
 
     def add_revoked(self, task_ids: Sequence[str], until: float) -> None:
-        """Rewrite the revoked file (atomically, under a lock) with lapsed ids dropped."""
+        """Rewrite the revoked file (atomically, under a lock) with lapsed ids dropped and
+        the newest REVOKES_MAX kept."""
         path = os.path.join(self.directory, REVOKED_FILE)
         fd = os.open(path + ".lock", os.O_WRONLY | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             kept = self.revoked()
-            kept.update(dict.fromkeys(task_ids, until))
+            for task_id in task_ids:  # newest last
+                kept.pop(task_id, None)
+                kept[task_id] = until
+            bound_revoked(kept)
             self._replace(path, "".join(f"{t} {u}\n" for t, u in kept.items()).encode())
         finally:
             os.close(fd)
@@ -257,9 +283,12 @@ class FileBackend(Backend):
 
     def cleanup(self, older_than: float) -> int:
         """Unlink ready metas (and their histories) whose file was last written before
-        ``older_than``: real epoch seconds, whatever the app's time zone."""
+        ``older_than`` (real epoch seconds, whatever the app's time zone), and the
+        histories of tasks sent before it that no worker ever took."""
         removed = 0
         for entry in os.scandir(self.directory):
+            if entry.name.startswith(HISTORY_PREFIX):
+                removed += self._expire_unrun(entry, older_than)
             if not entry.name.startswith(META_PREFIX):
                 continue
             task_id = entry.name[len(META_PREFIX):]
@@ -275,6 +304,24 @@ class FileBackend(Backend):
             except (FileNotFoundError, UnsafeTaskId):
                 continue  # removed meanwhile, or not a file celeriac would write
         return removed
+
+    def _expire_unrun(self, entry: os.DirEntry[str], older_than: float) -> int:
+        """Unlink the history of a task no worker ever took — no meta, the newest entry
+        the producer's PENDING — last written before ``older_than``; 1 when removed."""
+        task_id = entry.name[len(HISTORY_PREFIX):]
+        try:
+            if entry.stat().st_mtime >= older_than or os.path.exists(self._meta_path(task_id)):
+                return 0
+            with self._locked_history(task_id):
+                history = self.history(task_id)
+                if (os.path.exists(self._meta_path(task_id)) or not history
+                        or history[-1].get("state") != states.PENDING
+                        or float(history[-1].get("timestamp", 0)) >= older_than):
+                    return 0
+                os.unlink(entry.path)
+            return 1
+        except (FileNotFoundError, UnsafeTaskId, TypeError, ValueError):
+            return 0  # removed meanwhile, or not a file celeriac would write
 
     def exists(self, task_id: str) -> bool:
         return os.path.exists(self._meta_path(task_id)) or os.path.exists(

@@ -31,11 +31,11 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from .. import serialization, states
+from .. import control, serialization, states
 from ..brokers.redis import async_client, sync_client
 from ..exceptions import TimeoutError
 from ..protocol import check_task_id
-from .base import Backend, Record, Roster
+from .base import Backend, Record, RecordsRefused, Roster
 
 if TYPE_CHECKING:
     from ..app import Celeriac
@@ -50,8 +50,15 @@ CHUNK = 1000
 #: Longest a waiter blocks on pub/sub before it reads the key again (missed messages).
 WAIT_RECHECK = 1.0
 
+#: Error replies that pass by themselves (the others refuse the record for good).
+TRANSIENT_REPLIES = (redis.exceptions.NoScriptError, redis.exceptions.ReadOnlyError,
+                     redis.exceptions.TryAgainError, redis.exceptions.ClusterDownError,
+                     redis.exceptions.AskError)
+TRANSIENT_PREFIXES = ("BUSY", "LOADING", "MISCONF", "MASTERDOWN", "NOREPLICAS")
+
 _READY = ", ".join(f"'{s}'" for s in sorted(states.READY_STATES))
-# KEYS: meta, history.  ARGV: payload, history entry, ttl seconds (0: none).
+# KEYS: meta, history.  ARGV: payload, history entry, ttl seconds (0: none).  A key of
+# the wrong type fails the GET or the RPUSH, before anything is written.
 _SET_STATE = f"""
 local current = redis.call('GET', KEYS[1])
 if current then
@@ -63,14 +70,14 @@ if current then
   end
 end
 local ttl = tonumber(ARGV[3])
+redis.call('RPUSH', KEYS[2], ARGV[2])
 if ttl > 0 then
+  redis.call('EXPIRE', KEYS[2], ttl)
   redis.call('SETEX', KEYS[1], ttl, ARGV[1])
 else
   redis.call('SET', KEYS[1], ARGV[1])
 end
 redis.call('PUBLISH', KEYS[1], ARGV[1])
-redis.call('RPUSH', KEYS[2], ARGV[2])
-if ttl > 0 then redis.call('EXPIRE', KEYS[2], ttl) end
 return 1
 """
 
@@ -144,6 +151,17 @@ class RedisBackend(Backend):
             self.load_script()
             return self._record_scripted(records, roster)
 
+    def permanent(self, exc: BaseException) -> bool:
+        """Redis refuses a record for good with an error reply (WRONGTYPE: the task's key
+        holds something else; OOM: ``maxmemory`` reached under ``noeviction``; a value
+        over its size limits) or a value the client cannot send.  Connection errors,
+        time-outs, a server loading its data, a read-only replica after a fail-over, a
+        script the server has forgotten and a busy script are waited for."""
+        if isinstance(exc, redis.exceptions.ResponseError):
+            return not (isinstance(exc, TRANSIENT_REPLIES)
+                        or str(exc).startswith(TRANSIENT_PREFIXES))
+        return super().permanent(exc) or isinstance(exc, redis.exceptions.DataError)
+
     @property
     def scripted(self) -> bool:
         """Whether writes go through the Lua script (JSON metas), so they can be queued
@@ -195,8 +213,8 @@ class RedisBackend(Backend):
             try:
                 async with self._aclient.pipeline(transaction=False) as pipe:
                     skip = self.queue_records(pipe, records, roster)
-                    replies = await pipe.execute()
-                return self._applied(records, replies[skip:])
+                    replies = await pipe.execute(raise_on_error=False)
+                return self.applied(records, replies, skip)
             except redis.exceptions.NoScriptError:  # the server restarted: load it again
                 if attempt == 2:
                     raise
@@ -244,8 +262,8 @@ class RedisBackend(Backend):
                          roster: Roster | None = None) -> list[bool]:
         with self.client.pipeline(transaction=False) as pipe:
             skip = self.queue_records(pipe, records, roster)
-            replies = pipe.execute()
-        return self._applied(records, replies[skip:])
+            replies = pipe.execute(raise_on_error=False)
+        return self.applied(records, replies, skip)
 
     def _roster_key(self, node: str) -> str:
         return self.prefix + ROSTER_PREFIX + node
@@ -276,17 +294,32 @@ class RedisBackend(Backend):
             pipe.delete(self._roster_key(node))
             pipe.execute()
 
-    def _applied(self, records: Sequence[Record], replies: list[Any]) -> list[bool]:
-        """Whether each record was written, from the replies of :meth:`queue_records`."""
-        applied = []
-        i = 0
-        for r in records:
-            if r.state is None:
-                applied.append(True)
-                i += 2 if self.ttl else 1
-            else:
-                applied.append(bool(replies[i]))
-                i += 1
+    def applied(self, records: Sequence[Record], replies: list[Any], skip: int) -> list[bool]:
+        """Whether each record was written, from the replies of a pipeline (executed with
+        ``raise_on_error=False``) on which :meth:`queue_records` queued them after
+        ``skip`` other commands; every reply after the records' own belongs to the
+        roster or the acks.  An error that may pass is raised; records refused for good
+        raise :class:`RecordsRefused` once the rest is known to be written."""
+        for reply in replies[:skip]:
+            if isinstance(reply, Exception):
+                raise reply
+        applied: list[bool] = []
+        refused: dict[int, BaseException] = {}
+        i = skip
+        for n, r in enumerate(records):
+            width = 1 if r.state is not None else 2 if self.ttl else 1
+            mine, i = replies[i:i + width], i + width
+            error = next((x for x in mine if isinstance(x, Exception)), None)
+            if error is not None and not self.permanent(error):
+                raise error
+            if error is not None:
+                refused[n] = error
+            applied.append(error is None and (r.state is None or bool(mine[0])))
+        for reply in replies[i:]:
+            if isinstance(reply, Exception):
+                raise reply
+        if refused:
+            raise RecordsRefused(refused)
         return applied
 
     def _record_watched(self, r: Record) -> bool:
@@ -326,6 +359,7 @@ class RedisBackend(Backend):
             pipe.zremrangebyscore(key, "-inf", time.time())
             for i in range(0, len(task_ids), CHUNK):
                 pipe.zadd(key, dict.fromkeys(task_ids[i:i + CHUNK], until))
+            pipe.zremrangebyrank(key, 0, -control.REVOKES_MAX - 1)  # keep those lapsing last
             pipe.execute()
 
     def revoked(self) -> dict[str, float]:

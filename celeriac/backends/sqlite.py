@@ -19,16 +19,16 @@ it instead of polling.
 from __future__ import annotations
 
 import json
-import os
+import sqlite3
 import threading
 import time
 from collections.abc import Sequence
 from sqlite3 import Connection
 from typing import TYPE_CHECKING, Any
 
-from .. import serialization, states
+from .. import control, serialization, states
 from .._sqlite import ThreadConnections, path_from_url, retry_busy, write_transaction
-from ..bell import Bell, Listener, bell_dir
+from ..bell import Bell, bell_dir, shared_listener
 from ..protocol import check_task_id
 from .base import Backend, Record, Roster
 
@@ -132,6 +132,15 @@ class SQLiteBackend(Backend):
             applied.append(True)
         return applied
 
+    def permanent(self, exc: BaseException) -> bool:
+        """SQLite refuses a record for good with DataError (a value over the length limit,
+        SQLITE_TOOBIG), IntegrityError (a constraint), ProgrammingError and
+        InterfaceError (a value it cannot bind).  OperationalError (locked, busy, a full
+        disk, I/O) and the rest may pass: they are waited for."""
+        return super().permanent(exc) or isinstance(exc, (
+            sqlite3.DataError, sqlite3.IntegrityError, sqlite3.ProgrammingError,
+            sqlite3.InterfaceError, sqlite3.NotSupportedError))
+
     def ensure_tables(self) -> None:
         self.connections.get()  # a thread's first connection creates the tables
 
@@ -157,6 +166,10 @@ class SQLiteBackend(Backend):
             conn.execute("DELETE FROM celeriac_revoked WHERE until < ?", (time.time(),))
             conn.executemany("INSERT OR REPLACE INTO celeriac_revoked (task_id, until) "
                              "VALUES (?, ?)", [(t, until) for t in task_ids])
+            # the newest REVOKES_MAX (a replaced row gets a new rowid: newest last)
+            conn.execute("DELETE FROM celeriac_revoked WHERE rowid <= (SELECT rowid FROM "
+                         "celeriac_revoked ORDER BY rowid DESC LIMIT 1 OFFSET ?)",
+                         (control.REVOKES_MAX,))
 
     def revoked(self) -> dict[str, float]:
         rows = retry_busy(self._all, "SELECT task_id, until FROM celeriac_revoked "
@@ -212,6 +225,9 @@ class SQLiteBackend(Backend):
             conn.execute("DELETE FROM celeriac_task_history WHERE task_id = ?", (task_id,))
 
     def cleanup(self, older_than: float) -> int:
+        """Ready results last written before ``older_than``, and the histories of tasks
+        sent before it that no worker ever took (nothing stored, the newest entry the
+        producer's PENDING)."""
         conn = self.connections.get()
         expired = f"status IN ({_READY_SQL}) AND updated_at < ?"
         with write_transaction(conn):
@@ -219,7 +235,14 @@ class SQLiteBackend(Backend):
                 "DELETE FROM celeriac_task_history WHERE task_id IN "
                 f"(SELECT task_id FROM celeriac_task_meta WHERE {expired})", (older_than,))
             cur = conn.execute(f"DELETE FROM celeriac_task_meta WHERE {expired}", (older_than,))
-        return cur.rowcount
+            removed = cur.rowcount
+            cur = conn.execute(
+                "DELETE FROM celeriac_task_history WHERE task_id IN ("
+                " SELECT task_id FROM celeriac_task_history WHERE seq IN"
+                "  (SELECT MAX(seq) FROM celeriac_task_history GROUP BY task_id)"
+                " AND state = ? AND timestamp < ? AND task_id NOT IN"
+                "  (SELECT task_id FROM celeriac_task_meta))", (states.PENDING, older_than))
+        return removed + cur.rowcount
 
     def exists(self, task_id: str) -> bool:
         row = retry_busy(self._one, "SELECT 1 FROM celeriac_task_meta WHERE task_id = ? UNION ALL "
@@ -228,22 +251,22 @@ class SQLiteBackend(Backend):
         return row is not None
 
     def _one(self, sql: str, params: tuple[Any, ...]) -> Any:
-        return self.connections.get().execute(sql, params).fetchone()
+        return self.connections.read(sql, params, lambda cur: cur.fetchone())
 
     def _all(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
-        return self.connections.get().execute(sql, params).fetchall()
+        return self.connections.read(sql, params, lambda cur: cur.fetchall())
 
     def _wait_for_change(self, task_id: str, timeout: float, attempt: int) -> None:
-        listener: Listener | None = getattr(self._local, "listener", None)
-        if listener is None or listener.pid != os.getpid():  # none yet, or the parent's
+        """Sleep on the results bell, on one listener the process's threads share."""
+        shared = shared_listener(self._bell_dir)
+        seen: int | None = getattr(self._local, "seen", None)
+        if attempt == 0 or seen is None:
             # Listen first, then let the caller read again: no ring can fall in between.
-            self._local.listener = Listener(self._bell_dir)
+            self._local.seen = shared.start()
             return
-        listener.wait(min(timeout, WAIT_RECHECK))
+        shared.wait(seen, min(timeout, WAIT_RECHECK))
+        self._local.seen = shared.start()
 
     def close(self) -> None:
         self.connections.close()
-        listener = getattr(self._local, "listener", None)
-        if listener is not None:
-            listener.close()
-            self._local.listener = None
+        shared_listener(self._bell_dir).close()

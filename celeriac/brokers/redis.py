@@ -391,12 +391,12 @@ class RedisConsumer(Consumer):
         client = await self._connect()
         tags = [m.tag for m in acks if m.tag]
         async with client.pipeline(transaction=False) as pipe:  # one round trip for all
-            backend.queue_records(pipe, records, roster)
+            skip = backend.queue_records(pipe, records, roster)
             if tags:
                 pipe.zrem(UNACKED_INDEX, *tags)
                 pipe.hdel(UNACKED, *tags)
             try:
-                await pipe.execute()
+                backend.applied(records, await pipe.execute(raise_on_error=False), skip)
             except redis.exceptions.NoScriptError:
                 backend.load_script()
                 raise

@@ -24,10 +24,10 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from .. import states
-from ..backends.base import Record, Roster, history_entry
-from ..control import REVOKES_EXPIRE
+from ..backends.base import Record, RecordsRefused, Roster, history_entry
+from ..control import REVOKES_EXPIRE, bound_revoked
 from ..exceptions import (
-    CeleriacError,
+    BackendStoreError,
     DecodeError,
     EncodeError,
     NotRegistered,
@@ -212,31 +212,79 @@ class Writer:
         First all of it at once (one transaction where the stores allow).  If that fails,
         each record alone, then the acks, so one bad record cannot hold back or take down
         the others.  A store that is down is retried until it answers (with pauses up to
-        8 s); a record the store refuses for good (bad id, unencodable) is logged and
-        dropped, alone."""
+        8 s).  A record the store refuses for good (``Backend.permanent``: too big, a key
+        of the wrong type, a bad id) is not retried: a task's end is replaced by FAILURE
+        naming why it could not be stored (:meth:`_refused`), anything else is logged and
+        dropped."""
         settle = self.process.consumer.settle
         backend, io = self.process.app.backend, self.process.io
         try:
             await settle(backend, records, acks, io, roster)
             return None
+        except RecordsRefused as exc:  # the others (and the roster) are written
+            log.warning("the store refused %d of %d records for good", len(exc.refused),
+                        len(records))
+            for i, reason in exc.refused.items():
+                await self._refused(records[i], reason)
+            if acks:
+                await _retrying(partial(settle, backend, [], acks, io), f"{len(acks)} acks",
+                                backend.permanent)
+            return next(iter(exc.refused.values()))
         except Exception as exc:
-            log.warning("writing %d results and %d acks failed (%r); writing them one by one",
-                        len(records), len(acks), exc)
+            log.warning("writing %d results and %d acks failed (%s); writing them one by one",
+                        len(records), len(acks), _describe(exc))
         error: BaseException | None = None
         # the roster's additions before the records, its removals after them
         before = None if roster is None else Roster(roster.node, roster.started)
         after = None if roster is None else Roster(roster.node, (), roster.ended)
         if before is not None and before.started:
-            await _retrying(partial(settle, backend, [], [], io, before), "the worker's roster")
+            await _retrying(partial(settle, backend, [], [], io, before), "the worker's roster",
+                            backend.permanent)
         for record in records:
             failed = await _retrying(partial(settle, backend, [record], [], io),
-                                     f"the {record.entry['state']} of task {record.task_id}")
+                                     _what(record), backend.permanent, drop=False)
+            if failed is not None:
+                await self._refused(record, failed)
             error = error or failed
         if after is not None and after.ended:
-            await _retrying(partial(settle, backend, [], [], io, after), "the worker's roster")
+            await _retrying(partial(settle, backend, [], [], io, after), "the worker's roster",
+                            backend.permanent)
         if acks:
-            await _retrying(partial(settle, backend, [], acks, io), f"{len(acks)} acks")
+            await _retrying(partial(settle, backend, [], acks, io), f"{len(acks)} acks",
+                            backend.permanent)
         return error
+
+    async def _refused(self, record: Record, reason: BaseException) -> None:
+        """The store refused ``record`` for good.  A task's end (a ready state) becomes
+        FAILURE with a :class:`BackendStoreError` naming why, so nobody waits for a
+        result that will never come; if even that is refused, it is logged and dropped.
+        Any other record (a history entry, a custom state) is logged and dropped: the
+        task goes on, and its end is stored as usual."""
+        if record.state not in states.READY_STATES:
+            log.error("dropped %s: the store refuses it (%s)", _what(record), _describe(reason))
+            return
+        error = BackendStoreError(
+            f"the {record.state} of task {record.task_id} could not be stored: "
+            f"{_describe(reason)}")
+        log.error("%s; storing FAILURE in its place", error)
+        backend, io = self.process.app.backend, self.process.io
+        failure = backend.prepare_record(record.task_id, states.FAILURE, error,
+                                         hostname=self.process.hostname,
+                                         entry_meta=_exc_meta(error))
+        failure.reply_to = record.reply_to
+        await _retrying(partial(self.process.consumer.settle, backend, [failure], [], io),
+                        f"the FAILURE of task {record.task_id} in place of its {record.state}",
+                        backend.permanent)
+
+
+def _what(record: Record) -> str:
+    return f"the {record.entry['state']} of task {record.task_id}"
+
+
+def _describe(error: BaseException) -> str:
+    """``Class: message``, the message cut to a few hundred characters."""
+    text = str(error)
+    return f"{type(error).__name__}: {text if len(text) <= 300 else text[:300] + '...'}"
 
 
 @dataclass(eq=False)
@@ -270,23 +318,26 @@ def _outcome_of(job: asyncio.Future[Outcome], started: float, now: float) -> Out
     return Outcome(states.FAILURE, error, None, now - started)
 
 
-def _permanent(exc: BaseException) -> bool:
-    """Errors that retrying cannot mend (as opposed to a store that is down or busy)."""
-    return isinstance(exc, CeleriacError | TypeError | ValueError | KeyError)
-
-
-async def _retrying(write: Any, what: str) -> BaseException | None:
+async def _retrying(write: Any, what: str, permanent: Callable[[BaseException], bool], *,
+                    drop: bool = True) -> BaseException | None:
+    """Call ``write`` until it succeeds, pausing longer each time (up to 8 s), unless it
+    fails for good (``permanent``): then the error is returned, not retried (and logged
+    as dropped, unless the caller does something else with it: ``drop=False``)."""
     pauses = iter(WRITE_RETRY_DELAYS)
     while True:
         try:
             await write()
             return None
-        except Exception as exc:
-            if _permanent(exc):
-                log.error("dropped %s: %r", what, exc)
+        except Exception as error:
+            # a batch of one record refused: its own error
+            exc = next(iter(error.refused.values())) if isinstance(
+                error, RecordsRefused) else error
+            if permanent(exc):
+                if drop:
+                    log.error("dropped %s: %s", what, _describe(exc))
                 return exc
             pause = next(pauses, WRITE_RETRY_DELAYS[-1])
-            log.warning("writing %s failed (%r); retrying in %ss", what, exc, pause)
+            log.warning("writing %s failed (%s); retrying in %ss", what, _describe(exc), pause)
             await asyncio.sleep(pause)
 
 
@@ -469,7 +520,9 @@ class WorkerProcess:
         ids = [ids] if isinstance(ids, str) else [str(i) for i in ids]
         until = time.time() + REVOKES_EXPIRE
         for task_id in ids:
+            self.revoked.pop(task_id, None)  # newest last: the bound forgets the oldest
             self.revoked[task_id] = until
+        bound_revoked(self.revoked)
         log.info("Tasks flagged as revoked: %s", ", ".join(ids))
         if arguments.get("terminate"):
             for task_id in ids:
