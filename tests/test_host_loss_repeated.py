@@ -56,25 +56,27 @@ def test_every_round_of_host_loss_ends_both_tasks(project, workers):
     tasks = importlib.import_module("hostloss")
     chance = random.Random(20261130)
     for round_ in range(ROUNDS):
-        worker = Worker(project, "hostloss", "--heartbeat-interval", "0.2", concurrency=2)
-        workers.append(worker)
         pair = ((tasks.late, tasks.early) if round_ % 2 else
                 (tasks.async_late, tasks.async_early))
-        late, early = (t.delay(0.5) for t in pair)
         # kill at a different point each round: before, while or after they start
         moment = chance.choice([states.PENDING, states.RECEIVED, states.STARTED])
-        wait_until(lambda m=moment: all(
-            m in [h["state"] for h in r.history] for r in (late, early)),
-            timeout=60, what=f"both tasks {moment}")
-        worker.kill_all()
-        workers.append(Worker(project, "hostloss", "--heartbeat-interval", "0.2",
-                              concurrency=2))
-        wait_until(lambda: late.ready() and early.ready(), timeout=90,
-                   what=f"round {round_} (killed at {moment}): both tasks ended")
-        assert late.state == states.SUCCESS, late.history
-        assert early.state in (states.SUCCESS, states.FAILURE), early.history
-        if early.state == states.FAILURE:
-            assert "WorkerLostError" in str(early.history[-1]["meta"])
+        _round(project, workers, pair, moment, f"round {round_} (killed at {moment})")
         for w in workers:
             w.stop()
         workers.clear()
+
+
+def _round(project, workers, pair, moment: str, what: str) -> None:
+    worker = Worker(project, "hostloss", "--heartbeat-interval", "0.2", concurrency=2)
+    workers.append(worker)
+    late, early = (t.delay(0.5) for t in pair)
+    wait_until(lambda: all(moment in [h["state"] for h in r.history] for r in (late, early)),
+               timeout=60, what=f"{what}: both tasks {moment}")
+    worker.kill_all()
+    workers.append(Worker(project, "hostloss", "--heartbeat-interval", "0.2", concurrency=2))
+    wait_until(lambda: late.ready() and early.ready(), timeout=90,
+               what=f"{what}: both tasks ended")
+    assert late.state == states.SUCCESS, late.history
+    assert early.state in (states.SUCCESS, states.FAILURE), early.history
+    if early.state == states.FAILURE:
+        assert "WorkerLostError" in str(early.history[-1]["meta"])

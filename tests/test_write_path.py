@@ -18,7 +18,7 @@ from celeriac.bell import bell_dir
 from celeriac.exceptions import BackendStoreError
 from celeriac.protocol import new_id
 
-from .conftest import Worker, need_server, write_module
+from .conftest import Worker, need_server, wait_until, write_module
 
 
 def test_a_failed_commit_is_rolled_back_and_the_connection_writes_again(tmp_path: Path):
@@ -64,14 +64,6 @@ def test_a_full_database_raises_its_own_error_and_writes_again_once_there_is_roo
 
 
 # ----------------------------------------------------------------------- refused for good
-
-def _wait_until(condition, what: str, timeout: float = 30.0) -> None:
-    """Poll ``condition`` until it holds (an ack lands just after its task's result)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"not within {timeout}s: {what}"
-        time.sleep(0.05)
-
 
 REFUSED = """
 import os, sqlite3
@@ -146,7 +138,7 @@ def test_a_task_whose_redis_key_has_the_wrong_type_does_not_block_the_others(
         states.PENDING, states.RECEIVED]
     # nothing is left unacked, and a later task is written at once
     assert mod.add.delay(2, 2).get(timeout=30) == 4
-    _wait_until(lambda: client.hlen("unacked") == 0, "every message acked")
+    wait_until(lambda: client.hlen("unacked") == 0, what="every message acked")
     client.close()
 
 
@@ -259,7 +251,7 @@ def test_a_full_redis_fails_what_it_refuses_and_the_process_goes_on(refused, pro
     assert [mod.add.delay(i, 3).get(timeout=30) for i in range(3)] == [3, 4, 5]
     assert refused_task.state == states.PENDING  # nothing of it could be stored
     db = sqlite3.connect(project / "tasks.db")
-    _wait_until(lambda: not db.execute("SELECT COUNT(*) FROM celeriac_messages").fetchone()[0],
-                "every message acked")
+    wait_until(lambda: not db.execute("SELECT COUNT(*) FROM celeriac_messages").fetchone()[0],
+               what="every message acked")
     db.close()
     client.close()
