@@ -63,6 +63,16 @@ def _load(ctx: click.Context) -> Celeriac:
     return app
 
 
+def _load_for_worker(ctx: click.Context) -> Celeriac:
+    """The app, its modules imported and ``import_modules`` sent, its registry final."""
+    from .signals import import_modules
+
+    app = _load(ctx)
+    import_modules.send(sender=app)
+    app.finalize()
+    return app
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-A", "--app", help="The app: module, module:attribute or module.attribute.")
 @click.option("-b", "--broker", help="Broker URL (overrides broker_url).")
@@ -109,13 +119,13 @@ def worker(ctx: click.Context, concurrency: int | None, queues: str | None, logl
     """
     from .worker.supervisor import run_worker, setup_logging
 
+    app = _load_for_worker(ctx)  # first: its logging signal receivers are connected
     setup_logging(loglevel)
-    app = _load(ctx)
     n = concurrency or app.conf.worker_concurrency or os.cpu_count() or 1
     qs = _queues(queues) or app.default_queues()
     node = hostname.replace("%h", socket.gethostname())
     sys.exit(run_worker(app, concurrency=n, queues=qs, hostname=node,
-                        heartbeat_interval=heartbeat_interval))
+                        heartbeat_interval=heartbeat_interval, options=dict(ctx.params)))
 
 
 def _queues(option: str | None) -> list[str]:

@@ -30,6 +30,7 @@ from ..exceptions import (
     BackendStoreError,
     DecodeError,
     EncodeError,
+    ExceptionInfo,
     NotRegistered,
     Reject,
     Retry,
@@ -47,6 +48,15 @@ from ..protocol import (
     task_id_of,
 )
 from ..serialization import accepted_content_types
+from ..signals import (
+    task_failure,
+    task_received,
+    task_rejected,
+    task_revoked,
+    task_unknown,
+    worker_process_init,
+    worker_process_shutdown,
+)
 from ..task import Outcome, Request, Task, _current, execute_async, execute_sync
 from .execution import ActiveSlots, Interruptible, TaskThread
 
@@ -292,7 +302,8 @@ class Running:
     """A task this process is running, for time limits and ``revoke(terminate=True)``."""
 
     call: TaskCall
-    is_async: bool
+    task: Task[Any, Any]
+    request: Request
     job: asyncio.Future[Outcome] | None = None
     #: set to the outcome that stops the task (REVOKED when terminated)
     stop: asyncio.Future[Outcome] = field(
@@ -531,6 +542,11 @@ class WorkerProcess:
                     log.warning("Terminating %s[%s] (revoked)", running.call.name, task_id)
                     running.stop.set_result(Outcome(
                         states.REVOKED, TaskRevokedError("terminated"), None, 0.0))
+                    if task_revoked.receivers:
+                        task_revoked.send(sender=running.task, request=running.request,
+                                          terminated=True,
+                                          signum=_signum(arguments.get("signal")),
+                                          expired=False)
         if time.time() - self._pruned > 60:
             self._pruned = time.time()
             self.revoked = {t: u for t, u in self.revoked.items() if u >= self._pruned}
@@ -566,6 +582,9 @@ class WorkerProcess:
         self.writer.ack(message)
         await self._finish(task, call, request, Outcome(
             states.REVOKED, TaskRevokedError(reason), None, 0.0), ignore=ignore)
+        if task_revoked.receivers:
+            task_revoked.send(sender=task, request=request, terminated=False, signum=None,
+                              expired=reason == "expired")
         return True
 
     def _finished(self, t: asyncio.Task[None]) -> None:
@@ -605,18 +624,27 @@ class WorkerProcess:
             call = parse_task_message(message, self.accept)
         except (DecodeError, UnsafeTaskId) as exc:
             await self._set_aside(message, f"malformed message: {exc}", exc)
+            if task_rejected.receivers:
+                task_rejected.send(sender=self, message=message, exc=exc)
             return
         task = self.app.tasks.get(call.name)
         if task is None:
             log.error("Received unregistered task of type %r. The message has been set aside.",
                       call.name)
-            await self._set_aside(message, f"unregistered task {call.name!r}",
-                                  NotRegistered(call.name), task_id=call.id)
+            error = NotRegistered(call.name)
+            await self._set_aside(message, f"unregistered task {call.name!r}", error,
+                                  task_id=call.id)
+            if task_unknown.receivers:
+                # as Celery: the registry's KeyError (NotRegistered is what is stored)
+                task_unknown.send(sender=self, message=message, exc=KeyError(call.name),
+                                  name=call.name, id=call.id)
             return
         request = self._request(call, task)
         ignore = bool(request.ignore_result or task._option("ignore_result"))
         if await self._will_not_run(message, task, call, request, ignore):
             return
+        if task_received.receivers:
+            task_received.send(sender=self, request=request)
         acks_late = bool(task._option("acks_late"))
         if acks_late and message.redelivered and await self._succeeded(call):
             log.info("Task %s[%s] succeeded already: not run again (delivered again)",
@@ -692,7 +720,10 @@ class WorkerProcess:
             message = retry_message(call, retries=plan.retries, eta=plan.eta, args=plan.args,
                                     kwargs=plan.kwargs, queue=plan.queue,
                                     priority=plan.priority)
-            await self.loop.run_in_executor(self.io, self.app.broker.publish, message)
+            await self.loop.run_in_executor(
+                self.io, self.app.publish, message,
+                call.args if plan.args is None else plan.args,
+                call.kwargs if plan.kwargs is None else plan.kwargs)
         except Exception as exc:
             log.error("Task %s[%s] could not be queued again for its retry: %r", call.name,
                       call.id, exc)
@@ -761,7 +792,7 @@ class WorkerProcess:
         raised in it, and if it has not stopped STOP_GRACE seconds later the process is
         replaced, as only that can stop it."""
         hard, soft = time_limits(call, task, self.app.conf)
-        running = Running(call, task.is_async)
+        running = Running(call, task, request)
         self._active[call.id] = running
         interruptible = None
         try:
@@ -799,6 +830,10 @@ class WorkerProcess:
                           call.id)
                 error = TimeLimitExceeded(hard)
                 outcome = Outcome(states.FAILURE, error, None, self.loop.time() - started)
+                if task_failure.receivers:
+                    task_failure.send(sender=task, task_id=call.id, exception=error,
+                                      args=request.args, kwargs=request.kwargs,
+                                      traceback=None, einfo=ExceptionInfo(error, ""))
             await self._halt(running, outcome.value)
             return outcome
         finally:
@@ -808,7 +843,7 @@ class WorkerProcess:
         """Stop a running task whose outcome is already decided (see :meth:`_execute`)."""
         job = running.job
         assert job is not None
-        if running.is_async:
+        if running.task.is_async:
             job.cancel()
         else:
             self.task_thread.interrupt(running, exc)
@@ -818,7 +853,7 @@ class WorkerProcess:
                 job.exception()  # retrieved: what it ended with no longer counts
             return
         call = running.call
-        if running.is_async:
+        if running.task.is_async:
             log.error("Task %s[%s] ignored its cancellation; it is left running",
                       call.name, call.id)
             return
@@ -981,6 +1016,16 @@ class WorkerProcess:
             return 0.0
 
 
+def _signum(value: Any) -> int:
+    """The signal number a revoke names (``'SIGKILL'``, ``9``; SIGTERM by default)."""
+    try:
+        if isinstance(value, str):
+            return int(signal.Signals[value if value.startswith("SIG") else "SIG" + value])
+        return int(value) if value is not None else int(signal.SIGTERM)
+    except (KeyError, TypeError, ValueError):
+        return int(signal.SIGTERM)
+
+
 def _exc_meta(value: Any) -> Any:
     from ..protocol import exception_to_dict
 
@@ -1037,9 +1082,13 @@ def run_process(app: Celeriac, queues: list[str], hostname: str, housekeeper: bo
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor turns Ctrl-C into SIGTERM
     signal.signal(signal.SIGTERM, on_sigterm)
+    # on the thread def tasks run on (per-thread set-up such as database connections)
+    app.on_after_fork.send(sender=app)
+    worker_process_init.send(sender=hostname)
     loop_thread = threading.Thread(target=run_loop, name="celeriac-loop")
     loop_thread.start()
     task_thread.serve()
     loop_thread.join()
+    worker_process_shutdown.send(sender=hostname, pid=os.getpid(), exitcode=1 if failed else 0)
     if failed:
         raise failed[0]

@@ -11,8 +11,9 @@ import select
 import signal
 import sys
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from .. import signals
 from ..backends.base import Roster
 from ..conf import masked_url
 from ..exceptions import WorkerLostError
@@ -31,8 +32,33 @@ RESPAWN_BACKOFF = 1.0
 
 
 def setup_logging(loglevel: str) -> None:
-    logging.basicConfig(level=loglevel.upper(), format=LOG_FORMAT, stream=sys.stderr,
-                        force=True)
+    """The worker's logging, as Celery sets it up: a ``setup_logging`` receiver takes
+    it over entirely; otherwise the root logger writes to stderr, and then
+    ``after_setup_logger`` / ``after_setup_task_logger`` may adjust it."""
+    level = logging.getLevelName(loglevel.upper())
+    options = {"loglevel": level, "logfile": None, "format": LOG_FORMAT, "colorize": False}
+    if signals.setup_logging.send(sender=None, **options):
+        return
+    logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr, force=True)
+    signals.after_setup_logger.send(sender=None, logger=logging.getLogger(), **options)
+    signals.after_setup_task_logger.send(sender=None, logger=logging.getLogger("celery.task"),
+                                         **options)
+
+
+class WorkerNode:
+    """What the worker signals' ``sender`` is (Celery's WorkController): a worker node,
+    one supervisor and its processes."""
+
+    def __init__(self, app: Celeriac, hostname: str, concurrency: int,
+                 queues: list[str]) -> None:
+        self.app = app
+        self.hostname = hostname
+        self.concurrency = concurrency
+        self.queues = queues
+        self.pid = os.getpid()
+
+    def __repr__(self) -> str:
+        return f"<WorkerNode {self.hostname} ({self.concurrency} processes)>"
 
 
 def broker_reachable(app: Celeriac) -> bool:
@@ -71,7 +97,11 @@ def broker_reachable(app: Celeriac) -> bool:
 
 
 def run_worker(app: Celeriac, *, concurrency: int, queues: list[str], hostname: str,
-               heartbeat_interval: float = DEFAULT_INTERVAL) -> int:
+               heartbeat_interval: float = DEFAULT_INTERVAL,
+               options: dict[str, Any] | None = None) -> int:
+    worker = WorkerNode(app, hostname, concurrency, queues)
+    signals.celeryd_init.send(sender=hostname, instance=worker, conf=app.conf,
+                              options=dict(options or {}))
     # pid -> (slot, started at, the tasks it runs)
     children: dict[int, tuple[int, float, ActiveSlots]] = {}
     respawn: dict[int, float] = {}  # slot -> when to start its next process (monotonic)
@@ -82,6 +112,7 @@ def run_worker(app: Celeriac, *, concurrency: int, queues: list[str], hostname: 
              if app.backend.keeps_heartbeats else None)
 
     def spawn(slot: int) -> None:
+        signals.worker_before_create_process.send(sender=worker)
         app.close()  # no connection may be shared across fork
         active = ActiveSlots.for_prefetch(prefetch)
         pid = os.fork()
@@ -106,6 +137,9 @@ def run_worker(app: Celeriac, *, concurrency: int, queues: list[str], hostname: 
 
     def on_signal(signum: int, _frame: object) -> None:
         nonlocal stopping
+        how = "Cold" if stopping else "Warm"
+        signals.worker_shutting_down.send(sender=hostname, sig=signal.Signals(signum).name,
+                                          how=how, exitcode=1 if stopping else 0)
         if stopping:
             log.warning("cold shutdown: killing %d worker processes", len(children))
             for pid in children:
@@ -133,6 +167,7 @@ def run_worker(app: Celeriac, *, concurrency: int, queues: list[str], hostname: 
 
     if not broker_reachable(app):
         return 1
+    signals.worker_init.send(sender=worker)
     # SIGCHLD, SIGTERM and SIGINT wake the loop through this pipe (between heartbeats)
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_r, False)
@@ -150,6 +185,7 @@ def run_worker(app: Celeriac, *, concurrency: int, queues: list[str], hostname: 
     log.warning("celeriac worker %s: %d processes, queues %s, broker %s, results %s",
                 hostname, concurrency, ",".join(queues), masked_url(app.broker_url),
                 masked_url(app.result_backend_url))
+    signals.worker_ready.send(sender=worker)
     try:
         while children or (respawn and not stopping):
             while children:  # reap every process that exited
@@ -170,6 +206,7 @@ def run_worker(app: Celeriac, *, concurrency: int, queues: list[str], hostname: 
                     spawn(slot)
             if heart is not None and now >= next_beat:
                 heart.beat()
+                signals.heartbeat_sent.send(sender=heart)
                 next_beat = time.monotonic() + heartbeat_interval
             if not children and not respawn:
                 break
@@ -185,6 +222,7 @@ def run_worker(app: Celeriac, *, concurrency: int, queues: list[str], hostname: 
         os.close(wake_w)
     if heart is not None:
         heart.stop()
+    signals.worker_shutdown.send(sender=worker)
     return 0
 
 
