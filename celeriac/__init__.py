@@ -5,7 +5,7 @@ Switch from Celery by changing one import::
     from celeriac import Celery
 """
 
-from . import states
+from . import signals, states
 from .app import Celeriac, Celery, current_app
 from .exceptions import (
     CeleriacError,
@@ -32,5 +32,6 @@ __all__ = [
     "TimeoutError",
     "UnsafeTaskId",
     "current_app",
+    "signals",
     "states",
 ]
