@@ -1,0 +1,223 @@
+"""Real server restarts, each on a private server of the test's own (tests/servers.py):
+a worker ``-c 2`` runs short tasks (half ``acks_late``) while the broker or result store
+is stopped for a few seconds and started again.  Every task ends SUCCESS, none FAILURE,
+each ran (an ``acks_late`` one at most twice), the client's reads come back by
+themselves, and a client started after the restart gets its result.
+
+Run as a script for the full-size figures (not part of the suite)::
+
+    python -m tests.test_restarts rpc|redis [tasks] [outage seconds]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .conftest import Worker, need_server, write_module
+from .servers import PrivateRabbit, PrivateRedis
+
+TASKS = """
+import os, time
+from celeriac import Celery
+
+app = Celery('rtasks', broker=os.environ['TEST_BROKER'],
+             backend=os.environ.get('TEST_BACKEND') or None)
+
+
+def _ran(i):
+    with open(os.environ['TEST_RUNS'], 'a') as f:  # one short line: appended whole
+        f.write(f'{i}\\n')
+
+
+@app.task
+def work(i):
+    _ran(i)
+    time.sleep(0.02)
+    return i
+
+
+@app.task(acks_late=True)
+def work_late(i):
+    _ran(i)
+    time.sleep(0.02)
+    return i
+"""
+
+LATE_CLIENT = """
+import sys
+import rtasks
+print('RESULT', rtasks.work_late.delay(-1).get(timeout=float(sys.argv[1])))
+"""
+
+
+def _wait(condition: Any, what: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} within {timeout}s"
+        time.sleep(0.05)
+
+
+def scenario(project: Path, server: PrivateRabbit | PrivateRedis, env: dict[str, str],
+             tasks: int, outage: float, setenv: Any, deadline: float = 300.0) -> dict[str, Any]:
+    """Send ``tasks`` tasks (odd ones ``acks_late``), stop ``server`` once a fifth of them
+    has run, read every state while it is away, start it again, and wait for them all.
+    Returns what was seen (see the tests for what must hold)."""
+    runs = project / "runs.txt"
+    env = dict(env, TEST_RUNS=str(runs))
+    for k, v in env.items():
+        setenv(k, v)
+    write_module(project, "rtasks", TASKS)
+    write_module(project, "late_client", LATE_CLIENT)
+    rtasks = importlib.import_module("rtasks")
+    worker = Worker(project, "rtasks", env=env, concurrency=2)
+    try:
+        results = [(rtasks.work_late if i % 2 else rtasks.work).delay(i) for i in range(tasks)]
+        started = time.monotonic()
+        _wait(lambda: runs.exists() and len(runs.read_text().split()) >= tasks // 5,
+              "a fifth of the tasks ran", deadline)
+        server.stop()
+        stopped = time.monotonic()
+        read_errors: Counter[str] = Counter()
+        reads = 0
+        while time.monotonic() - stopped < outage:
+            for r in results:
+                reads += 1
+                try:
+                    r.state  # noqa: B018 - the read is the point
+                except Exception as exc:
+                    read_errors[repr(exc)] += 1
+        server.start()
+        restarted = time.monotonic()
+        final: dict[str, str] = {}
+        errors_after: Counter[str] = Counter()
+
+        def all_ready() -> bool:
+            for r in results:
+                if r.id in final:
+                    continue
+                try:
+                    state = r.state
+                except Exception as exc:
+                    errors_after[repr(exc)] += 1
+                    return False
+                if state in ("SUCCESS", "FAILURE", "REVOKED"):
+                    final[r.id] = state
+            return len(final) == len(results)
+
+        with contextlib.suppress(AssertionError):  # reported below
+            _wait(all_ready, "every task ready", deadline)
+        done = time.monotonic()
+        late = subprocess.run([sys.executable, "late_client.py", str(deadline / 2)],
+                              cwd=project, env=dict(os.environ, **env), capture_output=True,
+                              text=True, timeout=deadline)
+    finally:
+        worker.stop(timeout=60)
+    ran = Counter(int(x) for x in runs.read_text().split())
+    return {
+        "states": Counter(final.get(r.id, "NOT READY") for r in results),
+        "failures": [(i, r.result) for i, r in enumerate(results) if final.get(r.id) == "FAILURE"],
+        "never_ran": [i for i in range(tasks) if not ran[i]],
+        "ran_twice_early": [i for i in range(0, tasks, 2) if ran[i] > 1],
+        "ran_twice_late": [i for i in range(1, tasks, 2) if ran[i] > 1],
+        "ran_more": [i for i in range(tasks) if ran[i] > 2],
+        "reads_in_outage": reads, "read_errors_in_outage": dict(read_errors),
+        "read_errors_after": dict(errors_after),
+        "late_client": (late.returncode, late.stdout.strip(), late.stderr[-2000:]),
+        "seconds_to_all_ready_after_restart": round(done - restarted, 2),
+        "seconds_before_stop": round(stopped - started, 2),
+        "worker_log": worker.log,
+    }
+
+
+def check(seen: dict[str, Any], tasks: int, early_acks_confirmed: bool) -> None:
+    assert seen["states"] == {"SUCCESS": tasks}, (seen["states"], seen["failures"],
+                                                   seen["worker_log"][-5000:])
+    assert seen["never_ran"] == [] and seen["ran_more"] == [], seen
+    if early_acks_confirmed:  # only acks_late tasks may run again
+        assert seen["ran_twice_early"] == [], seen
+    else:  # an AMQP ack is a one-way frame: one the restart swallowed is delivered again
+        assert len(seen["ran_twice_early"]) <= 4, seen
+    assert seen["late_client"][:2] == (0, "RESULT -1"), seen["late_client"]
+
+
+@pytest.fixture
+def private_rabbit() -> Iterator[PrivateRabbit]:
+    why = PrivateRabbit.available()
+    if why:
+        need_server("a private RabbitMQ node", why)
+    server = PrivateRabbit()
+    try:
+        server.launch()
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def private_redis() -> Iterator[PrivateRedis]:
+    why = PrivateRedis.available()
+    if why:
+        need_server("a private Redis server", why)
+    server = PrivateRedis()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
+
+
+def test_rpc_results_survive_a_rabbitmq_restart(project, private_rabbit, monkeypatch):
+    """The default setup with RabbitMQ (``rpc://`` results): both sides reconnect, and
+    the states sent before and after the restart all reach the caller."""
+    seen = scenario(project, private_rabbit, {"TEST_BROKER": private_rabbit.url}, 150, 5.0,
+                    monkeypatch.setenv)
+    check(seen, 150, early_acks_confirmed=False)
+
+
+def test_a_redis_restart_fails_no_task(project, private_redis, monkeypatch):
+    """Redis as broker and result store, restarted on its append-only file: no task is
+    stored FAILURE for the lost connection, and each runs."""
+    env = {"TEST_BROKER": private_redis.url, "TEST_BACKEND": private_redis.url}
+    seen = scenario(project, private_redis, env, 150, 5.0, monkeypatch.setenv)
+    check(seen, 150, early_acks_confirmed=True)
+
+
+if __name__ == "__main__":  # the full-size run, for figures
+    import json
+    import tempfile
+
+    kind = sys.argv[1] if len(sys.argv) > 1 else "rpc"
+    n = int(sys.argv[2]) if len(sys.argv) > 2 else 600
+    pause = float(sys.argv[3]) if len(sys.argv) > 3 else 5.0
+    directory = Path(tempfile.mkdtemp(prefix="celeriac-restart-"))
+    os.chdir(directory)
+    sys.path.insert(0, str(directory))
+    server: PrivateRabbit | PrivateRedis
+    if kind == "rpc":
+        server = PrivateRabbit()
+        server.launch()
+        env = {"TEST_BROKER": server.url}
+    else:
+        server = PrivateRedis()
+        server.start()
+        env = {"TEST_BROKER": server.url, "TEST_BACKEND": server.url}
+    try:
+        out = scenario(directory, server, env, n, pause, os.environ.__setitem__, deadline=600)
+    finally:
+        server.close()
+    log = out.pop("worker_log")
+    out["failures"] = [(i, repr(e)) for i, e in out["failures"]][:10]
+    print(json.dumps(out, indent=1, default=str))
+    print("worker log:", len(log), "chars; warnings:",
+          sum(1 for line in log.splitlines() if "WARNING" in line))
