@@ -33,6 +33,8 @@ from celeriac import Celery
 
 app = Celery('rtasks', broker=os.environ['TEST_BROKER'],
              backend=os.environ.get('TEST_BACKEND') or None)
+# no publish retries: a producer whose connection the restart dropped reconnects anyway
+app.conf.task_publish_retry = False
 
 
 def _ran(i):
@@ -118,6 +120,10 @@ def scenario(project: Path, server: PrivateRabbit | PrivateRedis, env: dict[str,
         with contextlib.suppress(AssertionError):  # reported below
             _wait(all_ready, "every task ready", deadline)
         done = time.monotonic()
+        try:  # the client's own connections were idle through the restart
+            again = rtasks.work_late.delay(-2).get(timeout=deadline / 2)
+        except Exception as exc:
+            again = exc
         late = subprocess.run([sys.executable, "late_client.py", str(deadline / 2)],
                               cwd=project, env=dict(os.environ, **env), capture_output=True,
                               text=True, timeout=deadline)
@@ -133,6 +139,7 @@ def scenario(project: Path, server: PrivateRabbit | PrivateRedis, env: dict[str,
         "ran_more": [i for i in range(tasks) if ran[i] > 2],
         "reads_in_outage": reads, "read_errors_in_outage": dict(read_errors),
         "read_errors_after": dict(errors_after),
+        "same_client_after": repr(again),
         "late_client": (late.returncode, late.stdout.strip(), late.stderr[-2000:]),
         "seconds_to_all_ready_after_restart": round(done - restarted, 2),
         "seconds_before_stop": round(stopped - started, 2),
@@ -148,6 +155,7 @@ def check(seen: dict[str, Any], tasks: int, early_acks_confirmed: bool) -> None:
         assert seen["ran_twice_early"] == [], seen
     else:  # an AMQP ack is a one-way frame: one the restart swallowed is delivered again
         assert len(seen["ran_twice_early"]) <= 4, seen
+    assert seen["same_client_after"] == "-2", seen
     assert seen["late_client"][:2] == (0, "RESULT -1"), seen["late_client"]
 
 
