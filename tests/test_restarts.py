@@ -201,6 +201,46 @@ def test_a_redis_restart_fails_no_task(project, private_redis, monkeypatch):
     check(seen, 150, early_acks_confirmed=True)
 
 
+REPLY_CLIENT = """
+import os, sys
+from celeriac import Celery
+
+app = Celery('client', broker=os.environ['TEST_BROKER'], backend='rpc://')
+app.conf.task_default_queue = os.environ['TEST_QUEUE']
+app.send_task('nobody.runs.this')
+print(app.oid, flush=True)
+if sys.argv[1] == 'killed':
+    os._exit(0)  # as a killed process: no exit handlers
+"""
+
+
+def test_rpc_reply_queue_outlives_its_connection_not_its_process(project, amqp_queue):
+    """The caller's reply queue is not auto-delete (a dropped connection, as in a broker
+    restart, does not take it and the states sent to it meanwhile); a process that exits
+    deletes it, and only one that is killed leaves it to ``x-expires``."""
+    import amqp
+
+    from .conftest import AMQP_URL
+
+    write_module(project, "reply_client", REPLY_CLIENT)
+    env = dict(os.environ, TEST_BROKER=AMQP_URL, TEST_QUEUE=amqp_queue)
+    oids = {how: subprocess.run([sys.executable, "reply_client.py", how], cwd=project,
+                                env=env, capture_output=True, text=True, check=True,
+                                timeout=120).stdout.strip()
+            for how in ("exits", "killed")}
+    conn = amqp.Connection("127.0.0.1:5672", userid="guest", password="guest")
+    conn.connect()
+    try:
+        conn.channel().queue_declare(oids["killed"], passive=True)  # still there
+        with pytest.raises(amqp.exceptions.NotFound):
+            conn.channel().queue_declare(oids["exits"], passive=True)
+    finally:
+        for oid in oids.values():  # whatever this test left
+            with contextlib.suppress(amqp.exceptions.AMQPError):
+                conn.channel().queue_delete(oid)
+        conn.collect()
+
+
 if __name__ == "__main__":  # the full-size run, for figures
     import json
     import tempfile

@@ -13,7 +13,7 @@ A broker restart loses nothing here, unlike Celery's reply queues:
 * the caller's reply queue is durable and *not* auto-delete (Celery's is auto-delete, so
   it vanishes when the connection drops, with every state sent meanwhile); it is removed
   by ``x-expires`` = ``result_expires`` (a day if results never expire) once no one has
-  consumed it for that long, and at once when the caller closes its app;
+  consumed it for that long, and at once when the caller closes its app or exits;
 * a celeriac worker publishes states persistent (``delivery_mode`` 2) unless
   ``result_persistent`` is set to False, and with publisher confirms: a batch of states
   counts as written (and an ``acks_late`` message is acked) only once RabbitMQ has it;
@@ -29,6 +29,7 @@ its states and history (that is what ``rpc://`` means), and they live as long as
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import logging
@@ -119,6 +120,8 @@ class RPCBackend(Backend):
         channel.queue_declare(oid, durable=True, auto_delete=False,
                               arguments=self.queue_arguments)
         channel.basic_consume(oid, callback=self._on_reply, no_ack=True)
+        if not self._declared:  # nobody can read it once this process is gone
+            atexit.register(self.close)
         self._consuming = self._declared = oid
 
     def _drain(self, timeout: float) -> None:
