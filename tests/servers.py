@@ -134,3 +134,4 @@ class PrivateRabbit:
             with contextlib.suppress(Exception):
                 self._ctl("stop")
         shutil.rmtree(self.dir, ignore_errors=True)
+

@@ -18,13 +18,12 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from .conftest import Worker, need_server, write_module
+from .conftest import Worker, write_module
 from .servers import PrivateRabbit, PrivateRedis
 
 TASKS = """
@@ -157,32 +156,6 @@ def check(seen: dict[str, Any], tasks: int, early_acks_confirmed: bool) -> None:
         assert len(seen["ran_twice_early"]) <= 4, seen
     assert seen["same_client_after"] == "-2", seen
     assert seen["late_client"][:2] == (0, "RESULT -1"), seen["late_client"]
-
-
-@pytest.fixture
-def private_rabbit() -> Iterator[PrivateRabbit]:
-    why = PrivateRabbit.available()
-    if why:
-        need_server("a private RabbitMQ node", why)
-    server = PrivateRabbit()
-    try:
-        server.launch()
-        yield server
-    finally:
-        server.close()
-
-
-@pytest.fixture
-def private_redis() -> Iterator[PrivateRedis]:
-    why = PrivateRedis.available()
-    if why:
-        need_server("a private Redis server", why)
-    server = PrivateRedis()
-    try:
-        server.start()
-        yield server
-    finally:
-        server.close()
 
 
 def test_rpc_results_survive_a_rabbitmq_restart(project, private_rabbit, monkeypatch):

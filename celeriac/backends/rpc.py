@@ -21,6 +21,10 @@ A broker restart loses nothing here, unlike Celery's reply queues:
   connection; the caller's reads give what it already has while RabbitMQ is away and
   consume its reply queue again once it is back.
 
+The revoke record is a RabbitMQ stream, ``celeriac.revoked``: ``revoke()`` appends the
+ids with the time they lapse, and a worker reads it from its start up to a marker it
+appends itself (see ``revoked``).
+
 History: a celeriac worker adds the entries since the last state it sent (RECEIVED,
 ...) in an ``x-celeriac-history`` header of the next state message; from a Celery worker
 the caller records each state as it arrives.  Only the process that sent a task can read
@@ -44,6 +48,7 @@ import amqp
 
 from .. import serialization, states
 from ..brokers.amqp import _parse
+from ..control import REVOKES_EXPIRE
 from ..protocol import check_task_id
 from .base import PENDING_META, Backend, Record, Roster
 
@@ -61,6 +66,15 @@ CONFIRM_TIMEOUT = 30.0
 RECONNECT_EVERY = 0.5
 #: ``x-expires`` of a reply queue when results never expire (``result_expires`` 0/None).
 REPLY_QUEUE_EXPIRES = 86400.0
+#: The revoke record: a RabbitMQ stream (append-only; every reader reads it from the start
+#: without taking anything away), entries dropped after a revoke lapses (small segments:
+#: a stream drops whole segments).
+REVOKE_STREAM = "celeriac.revoked"
+REVOKE_STREAM_ARGUMENTS = {"x-queue-type": "stream", "x-max-age": f"{int(REVOKES_EXPIRE)}s",
+                           "x-stream-max-segment-size-bytes": 1_000_000}
+#: How long reading the revoke record waits for RabbitMQ (a stream may take a moment to
+#: come back after a restart).
+REVOKE_READ_TIMEOUT = 10.0
 
 
 class RPCBackend(Backend):
@@ -208,6 +222,83 @@ class RPCBackend(Backend):
                 self._histories[task_id].append({
                     "state": state, "timestamp": time.time(),
                     "hostname": meta.get("worker"), "pid": None, "meta": None})
+
+    # ------------------------------------------------------------------ revoke record
+
+    def add_revoked(self, task_ids: Sequence[str], until: float) -> None:
+        """Append ``{"revoked": [ids], "until": epoch s}`` to the revoke stream, with a
+        publisher confirm: a worker that starts later reads it."""
+        if not task_ids:
+            return
+        entry = amqp.Message(json.dumps({"revoked": list(task_ids), "until": until}),
+                             content_type="application/json", delivery_mode=2)
+        with self._lock:
+            try:
+                self._append_revoked(entry)
+            except CONNECTION_ERRORS:  # a connection RabbitMQ dropped meanwhile
+                self._reset()
+                self._append_revoked(entry)
+
+    def _append_revoked(self, entry: amqp.Message) -> None:
+        self._open().queue_declare(REVOKE_STREAM, durable=True, auto_delete=False,
+                                   arguments=REVOKE_STREAM_ARGUMENTS)
+        self._publish([(entry, REVOKE_STREAM)])
+
+    def revoked(self) -> dict[str, float]:
+        """Read the revoke stream from its start up to a marker this call appends (so
+        up to now, exactly); waits up to REVOKE_READ_TIMEOUT s for RabbitMQ."""
+        deadline = time.monotonic() + REVOKE_READ_TIMEOUT
+        while True:
+            try:
+                with self._lock:
+                    return self._read_revoked(deadline)
+            except CONNECTION_ERRORS:
+                with self._lock:
+                    self._reset()
+                if time.monotonic() + RECONNECT_EVERY > deadline:
+                    raise
+                time.sleep(RECONNECT_EVERY)
+
+    def _read_revoked(self, deadline: float) -> dict[str, float]:
+        marker = os.urandom(8).hex()
+        self._append_revoked(amqp.Message(json.dumps({"marker": marker}),
+                                          content_type="application/json", delivery_mode=2))
+        reader = self._conn.channel()
+        found: dict[str, float] = {}
+        now = time.time()
+        done = False
+
+        def take(message: Any) -> None:
+            nonlocal done
+            reader.basic_ack(message.delivery_tag)
+            try:  # untrusted: anything unexpected is skipped
+                entry = json.loads(message.body)
+            except ValueError:
+                return
+            if not isinstance(entry, dict):
+                return
+            if entry.get("marker") == marker:
+                done = True
+                return
+            ids, until = entry.get("revoked"), entry.get("until")
+            if isinstance(ids, list) and isinstance(until, int | float) and until > now:
+                for task_id in ids:
+                    if isinstance(task_id, str):
+                        found[task_id] = max(float(until), found.get(task_id, 0.0))
+
+        try:
+            reader.basic_qos(0, 1000, False)
+            reader.basic_consume(REVOKE_STREAM, callback=take,
+                                 arguments={"x-stream-offset": "first"})
+            while not done:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError("reading the revoke record took too long")
+                self._conn.drain_events(timeout=remaining)
+        finally:
+            with contextlib.suppress(Exception):
+                reader.close()
+        return found
 
     # ------------------------------------------------------------------ the contract
 
