@@ -174,6 +174,35 @@ def test_a_redis_restart_fails_no_task(project, private_redis, monkeypatch):
     check(seen, 150, early_acks_confirmed=True)
 
 
+def test_a_delivery_of_a_lost_connection_is_not_started_early_acked(project, amqp_queue):
+    """A message taken before the worker's connection dropped can no longer be acked:
+    the worker does not start it unless it acks late (RabbitMQ delivers it again, and it
+    would run twice)."""
+    import asyncio
+
+    from celeriac import Celery
+
+    from .conftest import AMQP_URL
+
+    app = Celery("held", broker=AMQP_URL, backend="memory://")
+    app.conf.task_default_queue = amqp_queue
+    app.send_task("held.task")
+
+    async def main() -> tuple[bool, bool]:
+        consumer = app.broker.consumer([amqp_queue], name="held-test", io=None)  # type: ignore[arg-type]
+        try:
+            taken: list[Any] = []
+            while not taken:
+                taken = await consumer.get(1, timeout=1.0)
+            before = consumer.holds(taken[0])
+            await consumer._connection.close()  # type: ignore[attr-defined]
+            return before, consumer.holds(taken[0])
+        finally:
+            await consumer.close()
+
+    assert asyncio.run(main()) == (True, False)
+
+
 REPLY_CLIENT = """
 import os, sys
 from celeriac import Celery

@@ -332,6 +332,9 @@ class AMQPConsumer(Consumer):
 
         return receive
 
+    def holds(self, message: Message) -> bool:
+        return message.tag is not None and _on(message.tag, self._raw) and self._connected
+
     async def park(self, message: Message, due: float) -> bool:
         """Send a message whose ETA is far off through a delay queue.
 

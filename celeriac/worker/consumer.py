@@ -609,6 +609,12 @@ class WorkerProcess:
             if await self._will_not_run(message, task, call, request, ignore):
                 return
 
+        if not acks_late and not self.consumer.holds(message):
+            # it could not be acked when it starts: run, it would run again when the
+            # broker delivers it again (taken before the connection was lost)
+            log.warning("Task %s[%s] not started: its delivery was lost with the "
+                        "connection; the broker delivers it again", call.name, call.id)
+            return
         if task.is_async:
             self._start(message, call, task, request, acks_late, ignore)
             outcome = await self._execute(task, call, request)
