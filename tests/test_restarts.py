@@ -152,8 +152,9 @@ def check(seen: dict[str, Any], tasks: int, early_acks_confirmed: bool) -> None:
     assert seen["never_ran"] == [] and seen["ran_more"] == [], seen
     if early_acks_confirmed:  # only acks_late tasks may run again
         assert seen["ran_twice_early"] == [], seen
-    else:  # an AMQP ack is a one-way frame: one the restart swallowed is delivered again
-        assert len(seen["ran_twice_early"]) <= 4, seen
+    else:  # an AMQP ack is a one-way frame: one the restart swallowed is delivered again;
+        # at most what a worker holds at once (2 processes x (prefetch 4 + 1))
+        assert len(seen["ran_twice_early"]) <= 10, seen
     assert seen["same_client_after"] == "-2", seen
     assert seen["late_client"][:2] == (0, "RESULT -1"), seen["late_client"]
 
