@@ -11,7 +11,7 @@ import textwrap
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 
@@ -229,3 +229,31 @@ def broker_env(request, project, monkeypatch) -> dict[str, str]:
     for k, v in values.items():
         monkeypatch.setenv(k, v)
     return values
+
+
+@pytest.fixture
+def private_rabbit() -> Iterator[Any]:
+    """A RabbitMQ node of this test's own, to stop and start (tests/servers.py)."""
+    from .servers import PrivateRabbit
+
+    yield from _private(PrivateRabbit, PrivateRabbit.launch)
+
+
+@pytest.fixture
+def private_redis() -> Iterator[Any]:
+    """A Redis server of this test's own with an append-only file (tests/servers.py)."""
+    from .servers import PrivateRedis
+
+    yield from _private(PrivateRedis, PrivateRedis.start)
+
+
+def _private(kind: Any, start: Any) -> Iterator[Any]:
+    why = kind.available()
+    if why:
+        need_server(f"a private {kind.__name__[7:]}", why)
+    server = kind()
+    try:
+        start(server)
+        yield server
+    finally:
+        server.close()

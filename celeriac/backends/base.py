@@ -171,8 +171,8 @@ class Backend(ABC):
 
     def add_revoked(self, task_ids: Sequence[str], until: float) -> None:  # noqa: B027
         """Keep ``task_ids`` as revoked until ``until`` (epoch seconds), where a worker
-        that starts later reads them (:meth:`revoked`).  A store that keeps nothing
-        (``rpc://``) does nothing: revokes then reach only the workers that are up."""
+        that starts later reads them (:meth:`revoked`).  A store that keeps nothing does
+        nothing: revokes then reach only the workers that are up."""
 
     def revoked(self) -> dict[str, float]:
         """The revoked task ids still in force, each with the time it lapses."""

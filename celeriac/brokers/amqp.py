@@ -50,6 +50,10 @@ _DEATH_HEADERS = ("x-death", "x-first-death-exchange", "x-first-death-queue",
                   "x-last-death-reason")
 
 
+#: What a lost (or dropped) producer connection raises.
+_LOST = (OSError, amqp.exceptions.RecoverableConnectionError)
+
+
 def _parse(url: str) -> dict[str, Any]:
     """kombu's reading of an AMQP URL: ``amqp://user:pass@host:port/vhost`` (``//`` = ``/``)."""
     parts = urlsplit(url)
@@ -81,6 +85,9 @@ class AMQPBroker(Broker):
     def _channel(self) -> Any:
         state = self._local
         if getattr(state, "pid", None) != os.getpid() or state.channel is None:
+            if getattr(state, "pid", None) == os.getpid() and state.conn is not None:
+                with contextlib.suppress(Exception):  # a lost one: release its socket
+                    state.conn.collect()
             conn = amqp.Connection(**_parse(self.url),
                                    confirm_publish=bool(self.options.get("confirm_publish", True)))
             conn.connect()
@@ -99,21 +106,39 @@ class AMQPBroker(Broker):
         channel.queue_bind(queue, spec.exchange, spec.routing_key)
         self._local.declared.add(queue)
 
-    def publish(self, message: Message) -> None:
+    def _on_channel(self, step: Callable[[Any], None]) -> None:
+        """Run ``step`` on this thread's channel, retrying as ``retry_policy`` says.
+
+        A connection that RabbitMQ dropped while it was idle (a broker restart) is only
+        found out when it is used: then ``step`` runs once more at once on a new
+        connection, which is not counted as a retry (without it, the first publish after
+        every restart would fail when retries are off)."""
         def attempt() -> None:
-            channel = self._channel()
-            self._declare(channel, message.queue)
-            channel.basic_publish(_to_amqp(message), exchange="", routing_key=message.queue)
+            state = self._local
+            fresh = getattr(state, "pid", None) != os.getpid() or state.channel is None
+            try:
+                step(self._channel())
+            except _LOST:
+                if fresh:
+                    raise
+                log.info("the connection to RabbitMQ was lost; publishing on a new one")
+                self._local.channel = None
+                step(self._channel())
 
         def reconnect() -> None:
             self._local.channel = None
 
-        self.retrying(attempt, (OSError, amqp.exceptions.RecoverableConnectionError),
-                      reconnect)
+        self.retrying(attempt, _LOST, reconnect)
+
+    def publish(self, message: Message) -> None:
+        def step(channel: Any) -> None:
+            self._declare(channel, message.queue)
+            channel.basic_publish(_to_amqp(message), exchange="", routing_key=message.queue)
+
+        self._on_channel(step)
 
     def broadcast(self, command: dict[str, Any]) -> None:
-        def attempt() -> None:
-            channel = self._channel()
+        def step(channel: Any) -> None:
             if CONTROL_EXCHANGE not in self._local.declared:
                 channel.exchange_declare(CONTROL_EXCHANGE, "fanout", durable=False,
                                          auto_delete=False)
@@ -121,11 +146,7 @@ class AMQPBroker(Broker):
             channel.basic_publish(_to_amqp(control_message(command)),
                                   exchange=CONTROL_EXCHANGE, routing_key="")
 
-        def reconnect() -> None:
-            self._local.channel = None
-
-        self.retrying(attempt, (OSError, amqp.exceptions.RecoverableConnectionError),
-                      reconnect)
+        self._on_channel(step)
 
     def ping(self, timeout: float) -> None:
         conn = amqp.Connection(**_parse(self.url), connect_timeout=timeout)
@@ -310,6 +331,9 @@ class AMQPConsumer(Consumer):
             self._inbox.put_nowait(_from_aio(incoming, name))
 
         return receive
+
+    def holds(self, message: Message) -> bool:
+        return message.tag is not None and _on(message.tag, self._raw) and self._connected
 
     async def park(self, message: Message, due: float) -> bool:
         """Send a message whose ETA is far off through a delay queue.

@@ -53,6 +53,11 @@ class Consumer(ABC):
     async def close(self) -> None:
         """Stop consuming; messages not acked become available to others again."""
 
+    def holds(self, message: Message) -> bool:
+        """Whether this consumer can still ack ``message``: False when its delivery was
+        lost with a connection, and the broker delivers it again by itself."""
+        return True
+
     async def park(self, message: Message, due: float) -> bool:
         """Keep a message whose ETA is far off in the broker's own storage until ``due``
         (epoch seconds), settling this delivery; False when the broker cannot, and the

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from .. import states
+from .. import connection, states
 from ..backends.base import Record, RecordsRefused, Roster, history_entry
 from ..control import REVOKES_EXPIRE, bound_revoked
 from ..exceptions import (
@@ -554,10 +554,14 @@ class WorkerProcess:
     async def _succeeded(self, call: TaskCall) -> bool:
         """Whether SUCCESS is stored for the task (asked of messages delivered again: a
         worker may have died after storing the result, before acking the message)."""
-        try:
-            stored = await self.loop.run_in_executor(
-                self.io, self.app.backend.stored_state, call.id)
+        try:  # a store that is away is waited for (stopping: handed back, see handle)
+            stored = await connection.until_connected(
+                partial(self.loop.run_in_executor, self.io, self.app.backend.stored_state,
+                        call.id),
+                f"reading the state of task {call.id}", self.stopping)
         except Exception as exc:
+            if connection.lost(exc):
+                raise
             log.warning("could not read the state of task %s[%s] (%r); running it",
                         call.name, call.id, exc)
             return False
@@ -614,7 +618,26 @@ class WorkerProcess:
             await self._handle(message)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # a bug or a message we did not foresee: never leave it held
+        except Exception as exc:
+            if connection.lost(exc):
+                # the broker or store went away: never the task's fault.  The message goes
+                # back to its queue once the broker answers (unless it was acked when its
+                # task started: that task's outcome is queued in the writer already).
+                me = asyncio.current_task()
+                if me in self._started and not _acks_late(self.app, message, self.accept):
+                    log.warning("lost the connection after task %s started (%r); its "
+                                "outcome is written once the server is back",
+                                task_id_of(message), exc)
+                    return
+                log.warning("lost the connection handling task %s (%r); it goes back to "
+                            "its queue", task_id_of(message), exc)
+                with contextlib.suppress(Exception):  # stopping: the broker redelivers it
+                    await connection.until_connected(
+                        partial(self.consumer.reject, message, requeue=True,
+                                reason="connection lost"),
+                        f"handing task {task_id_of(message)} back", self.stopping)
+                return
+            # a bug or a message we did not foresee: never leave it held
             log.exception("Unexpected error handling a message; setting it aside")
             with contextlib.suppress(Exception):
                 await self._set_aside(message, f"unexpected error: {exc!r}", exc)
@@ -646,7 +669,9 @@ class WorkerProcess:
         if task_received.receivers:
             task_received.send(sender=self, request=request)
         acks_late = bool(task._option("acks_late"))
-        if acks_late and message.redelivered and await self._succeeded(call):
+        # delivered again: an acks_late task whose worker was lost, or an early ack lost
+        # with its connection
+        if message.redelivered and await self._succeeded(call):
             log.info("Task %s[%s] succeeded already: not run again (delivered again)",
                      call.name, call.id)
             self.writer.ack(message)
@@ -665,6 +690,12 @@ class WorkerProcess:
             if await self._will_not_run(message, task, call, request, ignore):
                 return
 
+        if not acks_late and not self.consumer.holds(message):
+            # taken before its connection dropped, its ack can no longer reach the
+            # broker: started now, it would run again when the broker redelivers it
+            log.warning("Task %s[%s] not started: its delivery was lost with the "
+                        "connection; the broker delivers it again", call.name, call.id)
+            return
         if task.is_async:
             slot = await self._take_slot(call, acks_late)
             self._start(message, call, task, request, acks_late, ignore, slot)
@@ -948,7 +979,9 @@ class WorkerProcess:
                 task_id, states.FAILURE, exc, hostname=self.hostname, entry_meta=_exc_meta(exc))
             self.writer.record(record)
             await self.writer.written()
-        await self.consumer.reject(message, requeue=False, reason=reason)
+        await connection.until_connected(
+            partial(self.consumer.reject, message, requeue=False, reason=reason),
+            f"setting message {task_id or '(no usable id)'} aside", self.stopping)
 
     # ------------------------------------------------------------------ helpers
 
@@ -1024,6 +1057,15 @@ def _signum(value: Any) -> int:
         return int(value) if value is not None else int(signal.SIGTERM)
     except (KeyError, TypeError, ValueError):
         return int(signal.SIGTERM)
+
+
+def _acks_late(app: Celeriac, message: Message, accept: Any) -> bool:
+    """Whether the message's task acks late (False when that cannot be told)."""
+    try:
+        task = app.tasks.get(parse_task_message(message, accept).name)
+    except Exception:
+        return False
+    return task is not None and bool(task._option("acks_late"))
 
 
 def _exc_meta(value: Any) -> Any:
