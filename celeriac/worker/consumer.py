@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import states
 from ..backends.base import Record, Roster, history_entry
+from ..brokers.base import DECODE_ERROR
 from ..control import REVOKES_EXPIRE
 from ..exceptions import (
     CeleriacError,
@@ -549,6 +550,8 @@ class WorkerProcess:
 
     async def _handle(self, message: Message) -> None:
         try:
+            if DECODE_ERROR in message.properties:  # the consumer could not decode it
+                raise DecodeError(message.properties[DECODE_ERROR])
             call = parse_task_message(message, self.accept)
         except (DecodeError, UnsafeTaskId) as exc:
             await self._set_aside(message, f"malformed message: {exc}", exc)

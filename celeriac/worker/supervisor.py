@@ -14,6 +14,7 @@ import time
 from typing import TYPE_CHECKING
 
 from ..backends.base import Roster
+from ..brokers.base import GivesBackLostNodes
 from ..conf import masked_url
 from ..exceptions import WorkerLostError
 from .consumer import run_process
@@ -94,6 +95,9 @@ def run_worker(app: Celeriac, *, concurrency: int, queues: list[str], hostname: 
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 multiprocessing.current_process().name = f"Worker-{slot}"
+                broker = app.broker
+                if heart is not None and isinstance(broker, GivesBackLostNodes):
+                    broker.node = node  # so a peer can give back what it holds if lost
                 run_process(app, queues, hostname, housekeeper=slot == 1, slots=active,
                             node=node if heart is not None else None)
             except BaseException:
