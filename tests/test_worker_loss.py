@@ -52,6 +52,14 @@ async def async_slow_late(seconds):
 
 
 @app.task(acks_late=True)
+def append_slowly(path, seconds):
+    with open(path, 'a') as f:
+        f.write('ran\\n')
+    time.sleep(seconds)
+    return 'appended'
+
+
+@app.task(acks_late=True)
 def append(path):
     with open(path, 'a') as f:
         f.write('ran\\n')
@@ -227,6 +235,35 @@ def test_a_lost_host_s_tasks_are_failed_by_another_worker(losstasks, broker_env,
     if broker_env["TEST_BROKER"].startswith("amqp"):  # RabbitMQ gives it back at once
         assert late.get(timeout=20) == "finished"
         assert late.history[-1]["hostname"].startswith("beta@")
+    assert beta.stop() == 0
+
+
+def test_a_lost_host_s_acks_late_task_runs_again_soon(losstasks, broker_env, project,
+                                                      workers):
+    """A whole worker is SIGKILLed while an acks_late task runs; another worker, started
+    afterwards, runs it again to SUCCESS.  Redis keeps the message in ``unacked`` for
+    the visibility timeout (an hour here, far beyond the deadline): the worker that
+    takes the lost node over puts it back at once.  RabbitMQ redelivers it when the
+    connection drops; SQLite's lease lapses (30 s by default)."""
+    path = project / "runs"
+    alpha = Worker(project, "losstasks", "-n", "alpha@%h", "--heartbeat-interval", BEAT,
+                   env=broker_env, concurrency=1)
+    workers.append(alpha)
+    r = losstasks.append_slowly.delay(str(path), 2)
+    deadline = time.monotonic() + 30
+    while not (path.exists() and path.read_text()):  # it runs
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    alpha.kill_all()
+    if broker_env["TEST_BROKER"].startswith("redis"):
+        client = redis.Redis.from_url(broker_env["TEST_BROKER"])
+        assert client.hlen("unacked") == 1  # held by the dead node
+    beta = Worker(project, "losstasks", "-n", "beta@%h", "--heartbeat-interval", BEAT,
+                  env=broker_env, concurrency=1)
+    workers.append(beta)
+    assert r.get(timeout=90) == "appended"
+    assert path.read_text() == "ran\nran\n"
+    assert r.history[-1]["hostname"].startswith("beta@")
     assert beta.stop() == 0
 
 

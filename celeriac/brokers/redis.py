@@ -227,11 +227,15 @@ def sync_client(url: str) -> redis.Redis:
 
 
 def async_client(url: str) -> aioredis.Redis:
+    """Like :func:`sync_client`; a command waits for one of its 100 connections to be
+    free rather than failing (many held messages given back at once, for instance)."""
     from redis.asyncio.retry import Retry
 
-    return aioredis.Redis.from_url(
+    pool = aioredis.BlockingConnectionPool.from_url(
         url, retry=Retry(redis.backoff.ExponentialBackoff(cap=1.0, base=0.01), 3),
-        retry_on_error=[redis.ConnectionError, redis.TimeoutError])
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError], max_connections=100,
+        timeout=None)
+    return aioredis.Redis.from_pool(pool)
 
 
 def queue_key(queue: str, priority: int | None) -> str:
