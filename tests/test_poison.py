@@ -38,7 +38,8 @@ def add(x, y):
 DEPTH = 1000
 
 
-def _wait_until(check, what, timeout=60.0):
+def wait_until(check, what, timeout=60.0):
+    """The value of ``check()`` once truthy, polling until ``timeout`` s."""
     deadline = time.monotonic() + timeout
     while True:
         value = check()
@@ -128,7 +129,7 @@ def test_a_poison_message_is_set_aside_alone(poisontasks, broker_env, project, w
     workers.append(worker)
     assert first.get(timeout=60) == 2
     assert last.get(timeout=60) == 4
-    dead = _wait_until(lambda: _dead_letters(app, broker_env, queue), "the dead letter")
+    dead = wait_until(lambda: _dead_letters(app, broker_env, queue), "the dead letter")
     assert len(dead) == 1 and "undecodable message" in dead[0][1], dead
     if broker_env["TEST_BROKER"].startswith("amqp"):  # its id is readable there
         assert app.AsyncResult(poison_id).state == "FAILURE"

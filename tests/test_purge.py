@@ -15,6 +15,7 @@ from celeriac import states
 from celeriac.brokers.redis import PRIORITY_STEPS, delayed_key, queue_key
 
 from .conftest import CELERIAC, Worker, write_module
+from .test_poison import wait_until
 
 TASKS = """
 import os
@@ -57,15 +58,6 @@ def _parked(broker_env) -> int:
     return count
 
 
-def _wait_until(check, what, timeout=60.0):
-    import time
-
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"{what} not seen within {timeout}s"
-        time.sleep(0.1)
-
-
 @pytest.fixture
 def purgetasks(broker_env, project):
     write_module(project, "purgetasks", TASKS)
@@ -77,7 +69,7 @@ def test_purge_drops_and_counts_parked_messages(purgetasks, broker_env, project,
     worker = Worker(project, "purgetasks", env=broker_env, concurrency=1)
     workers.append(worker)
     if not broker_env["TEST_BROKER"].startswith("sqlite"):
-        _wait_until(lambda: _parked(broker_env) == 3, "three parked messages")
+        wait_until(lambda: _parked(broker_env) == 3, "three parked messages")
     assert worker.stop() == 0
     waiting = [purgetasks.add.delay(1, 1) for _ in range(2)]
 
