@@ -238,6 +238,14 @@ def test_a_lost_host_s_tasks_are_failed_by_another_worker(losstasks, broker_env,
     assert beta.stop() == 0
 
 
+def _wait_running(path) -> None:
+    """Until ``append_slowly`` has written its line: the task runs."""
+    deadline = time.monotonic() + 30
+    while not (path.exists() and path.read_text()):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
 def test_a_lost_host_s_acks_late_task_runs_again_soon(losstasks, broker_env, project,
                                                       workers):
     """A whole worker is SIGKILLed while an acks_late task runs; another worker, started
@@ -250,10 +258,7 @@ def test_a_lost_host_s_acks_late_task_runs_again_soon(losstasks, broker_env, pro
                    env=broker_env, concurrency=1)
     workers.append(alpha)
     r = losstasks.append_slowly.delay(str(path), 2)
-    deadline = time.monotonic() + 30
-    while not (path.exists() and path.read_text()):  # it runs
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    _wait_running(path)
     alpha.kill_all()
     if broker_env["TEST_BROKER"].startswith("redis"):
         client = redis.Redis.from_url(broker_env["TEST_BROKER"])
@@ -265,6 +270,24 @@ def test_a_lost_host_s_acks_late_task_runs_again_soon(losstasks, broker_env, pro
     assert path.read_text() == "ran\nran\n"
     assert r.history[-1]["hostname"].startswith("beta@")
     assert beta.stop() == 0
+
+
+def test_a_killed_process_s_acks_late_task_runs_again_soon(losstasks, broker_env, project,
+                                                           workers):
+    """One worker process is SIGKILLed (as the OOM killer does) while an acks_late task
+    runs: on Redis its supervisor puts the message back at once (not after the hour of
+    the visibility timeout), and the process started in its place runs it to SUCCESS."""
+    path = project / "runs"
+    worker = Worker(project, "losstasks", "--heartbeat-interval", BEAT, env=broker_env,
+                    concurrency=1)
+    workers.append(worker)
+    r = losstasks.append_slowly.delay(str(path), 2)
+    _wait_running(path)
+    (child,) = worker.child_pids()
+    os.kill(child, signal.SIGKILL)
+    assert r.get(timeout=90) == "appended"
+    assert path.read_text() == "ran\nran\n"
+    assert worker.stop() == 0
 
 
 def test_a_worker_started_again_fails_what_it_ran_before_it_was_lost(

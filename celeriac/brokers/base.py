@@ -126,7 +126,8 @@ class GivesBackLostNodes(Protocol):
     node: str | None
 
     def give_back_node(self, node: str) -> int:
-        """Put every message ``node`` holds back on its queue; returns how many."""
+        """Put every message ``node`` (or one process of it, ``<node>/<pid>``) holds
+        back on its queue; returns how many."""
         ...
 
 

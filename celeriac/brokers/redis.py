@@ -8,7 +8,7 @@ Layout (inspect with ``redis-cli``)::
     unacked                  HASH  delivery_tag -> JSON [envelope, exchange, routing_key]
     unacked_index            ZSET  delivery_tag scored by when it was taken (or last renewed)
     unacked_mutex            STRING lock held while expired entries are put back
-    celeriac.unacked_node    HASH  delivery_tag -> id of the worker node holding it (celeriac's)
+    celeriac.unacked_node    HASH  delivery_tag -> "<worker node id>/<pid>" holding it (celeriac's)
     _kombu.binding.<queue>   SET   "<routing_key>\\x06\\x16\\x06\\x16<queue>" (declared by workers)
     celeriac.dead_letters    LIST  messages set aside: JSON {queue, reason, failed_at, payload},
                              newest first, capped (``dead_letter_limit``/``dead_letter_max_age``)
@@ -22,10 +22,12 @@ than ``visibility_timeout`` (default 3600 s, kombu's) belongs to a consumer that
 is put back on its queue by whichever worker — Celery's or celeriac's — checks first.
 
 A celeriac consumer that serves a worker node with heartbeats also notes, in the same
-atomic step as the take, which node holds each delivery (``celeriac.unacked_node``);
-the entry goes with the ack.  When the heartbeats show the node is lost, the worker
-that takes it over puts every message the node held back on its queue at once
-(:meth:`RedisBroker.give_back_node`) instead of leaving it to the visibility timeout.
+atomic step as the take, which node and process hold each delivery
+(``celeriac.unacked_node``); the entry goes with the ack.  When the heartbeats show the
+node is lost, the worker that takes it over puts every message the node held back on
+its queue at once (:meth:`RedisBroker.give_back_node`), and when one process of a node
+dies its supervisor does the same for that process, instead of leaving them to the
+visibility timeout.
 Kombu neither reads nor writes that hash, so Celery workers sharing the queues see the
 layout they expect.
 
@@ -325,11 +327,13 @@ class RedisBroker(Broker):
                 return done
 
     def give_back_node(self, node: str) -> int:
-        """Put every message that worker node ``node`` held back on its queue."""
-        mine = node.encode()
-        tags = [_text(tag) for tag, owner in self.client.hscan_iter(UNACKED_NODE, count=1000)
-                if owner == mine]
-        return sum(self.give_back(tag, node) for tag in tags)
+        """Put every message that worker node ``node`` (or one process of it,
+        ``<node>/<pid>``) held back on its queue."""
+        exact, prefix = node.encode(), f"{node}/".encode()
+        held = [(_text(tag), _text(owner))
+                for tag, owner in self.client.hscan_iter(UNACKED_NODE, count=1000)
+                if owner == exact or owner.startswith(prefix)]
+        return sum(self.give_back(tag, owner) for tag, owner in held)
 
     def publish(self, message: Message) -> None:
         key = queue_key(message.queue, message.properties.get("priority"))
@@ -376,7 +380,8 @@ class RedisBroker(Broker):
         return int(sum(counts[:-1]))
 
     def consumer(self, queues: Sequence[str], *, name: str, io: Executor) -> Consumer:
-        return RedisConsumer(self, list(queues), name, self.node)
+        owner = f"{self.node}/{os.getpid()}" if self.node else None
+        return RedisConsumer(self, list(queues), name, owner)
 
     @property
     def control_channel(self) -> str:
@@ -404,7 +409,8 @@ class RedisConsumer(Consumer):
         self.broker = broker
         self.queues = queues
         self.name = name
-        self.node = node or ""  # noted with each delivery taken ('' not noted)
+        #: "<node>/<pid>", noted with each delivery taken ('' not noted)
+        self.node = node or ""
         self.keys = [queue_key(q, p) for p in PRIORITY_STEPS for q in queues]
         self.visibility_timeout = broker.visibility_timeout
         self._client: aioredis.Redis | None = None

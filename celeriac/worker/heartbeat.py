@@ -130,27 +130,28 @@ class Heart:
             if not store_lost(self.app, [(t, "") for t in task_ids], error, self.hostname,
                               {"lost_node": node}, None):
                 return  # the claim lapses: this or another worker tries again later
-        if not self._give_back(node):
+        if not self.give_back(node):
             return  # likewise
         try:
             backend.forget_node(node)
         except Exception as exc:  # claimed: another worker takes it over again later
             log.warning("could not remove lost worker %s: %r", node, exc)
 
-    def _give_back(self, node: str) -> bool:
-        """Put the messages the lost node held unacked (its ``acks_late`` tasks, its
-        prefetched ones) back on their queues now, where the broker knows which they
-        are; False when the broker could not be reached."""
+    def give_back(self, node: str) -> bool:
+        """Put the messages a lost node (or a dead process of this one, ``<node>/<pid>``)
+        held unacked (its ``acks_late`` tasks, its prefetched ones) back on their queues
+        now, where the broker knows which they are; False when the broker could not be
+        reached."""
         broker = self.app.broker
         if not isinstance(broker, GivesBackLostNodes):
             return True  # it redelivers by itself (RabbitMQ) or its leases lapse (SQLite)
         try:
             count = broker.give_back_node(node)
         except Exception as exc:
-            log.warning("could not give back the messages of lost worker %s: %r", node, exc)
+            log.warning("could not give back the messages of worker %s: %r", node, exc)
             return False
         if count:
-            log.warning("gave back %d messages that lost worker %s held", count, node)
+            log.warning("gave back %d messages that worker %s held", count, node)
         return True
 
     def stop(self) -> None:

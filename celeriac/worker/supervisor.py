@@ -129,6 +129,8 @@ def run_worker(app: Celeriac, *, concurrency: int, queues: list[str], hostname: 
             store_lost(app, lost, WorkerLostError(f"Worker exited prematurely: {how}."),
                        hostname, {"pid": pid},
                        None if heart is None else Roster(node, (), [t for t, _ in lost]))
+        if heart is not None:
+            heart.give_back(f"{node}/{pid}")  # its acks_late and prefetched messages
         if stopping:
             return
         log.error("worker process %d (Worker-%d) exited with %s; starting a new one",
