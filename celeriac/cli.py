@@ -195,6 +195,7 @@ def _args(message: Any) -> str:
 def purge(ctx: click.Context, force: bool, queues: str | None) -> None:
     """Delete every waiting message in the queues (default: task_default_queue).
 
+    Messages parked until their ETA (countdown/eta) are deleted and counted too.
     Messages held by a running worker are not touched; messages whose worker died
     (lapsed lease) are deleted too.
     """

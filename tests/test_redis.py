@@ -24,6 +24,7 @@ from celeriac import Celery
 app = Celery('tasks', broker=os.environ['TEST_REDIS_URL'],
              broker_transport_options={'visibility_timeout': float(os.environ.get('VT', 3600))})
 app.conf.task_track_started = True
+app.conf.worker_prefetch_multiplier = int(os.environ.get('PREFETCH', 4))
 
 
 @app.task(bind=True)
@@ -209,6 +210,38 @@ def test_a_dead_workers_message_is_restored_after_the_visibility_timeout(
     while client.hlen("unacked") and time.monotonic() < deadline:
         time.sleep(0.05)
     assert client.hlen("unacked") == 0
+
+
+def test_warm_shutdown_gives_back_every_held_message_while_a_peer_is_busy(
+        project, env, workers, redis_url):
+    """A worker holding many prefetched messages is stopped while a busy peer takes and
+    acks all the time (touching ``unacked`` on every step): every held message goes back
+    to the queue at once, none is left to the visibility timeout (an hour here)."""
+    tasks = _celeriac(project)
+    client = redis.Redis.from_url(redis_url)
+    holder = Worker(project, "tasks", env=dict(env, PREFETCH="200"), concurrency=1)
+    workers.append(holder)
+    rs = [tasks.nap.delay(i) for i in range(400)]
+    deadline = time.monotonic() + 60
+    while client.hlen("unacked") < 100:  # the holder took a big batch
+        assert time.monotonic() < deadline, client.hlen("unacked")
+        time.sleep(0.01)
+    peer = Worker(project, "tasks", env=dict(env, PREFETCH="1"), concurrency=2)
+    workers.append(peer)
+    peer.wait_for_log("succeeded", count=5)
+    assert holder.stop() == 0
+    waiting = list(rs)
+    deadline = time.monotonic() + 90  # an hour if one were left in unacked
+    while waiting:
+        assert time.monotonic() < deadline, (f"{len(waiting)} never ran", {
+            r.state for r in waiting}, client.hlen("unacked"), client.llen("celery"))
+        waiting = [r for r in waiting if r.state != states.SUCCESS]
+        time.sleep(0.1)
+    assert [r.result for r in rs] == [2 * i for i in range(400)]
+    deadline = time.monotonic() + 20  # a result is written just before its ack
+    while client.hlen("unacked") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert client.hlen("unacked") == 0 and client.hlen("celeriac.unacked_node") == 0
 
 
 def test_redis_purge_and_priorities(project, env, redis_url):

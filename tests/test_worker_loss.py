@@ -52,6 +52,14 @@ async def async_slow_late(seconds):
 
 
 @app.task(acks_late=True)
+def append_slowly(path, seconds):
+    with open(path, 'a') as f:
+        f.write('ran\\n')
+    time.sleep(seconds)
+    return 'appended'
+
+
+@app.task(acks_late=True)
 def append(path):
     with open(path, 'a') as f:
         f.write('ran\\n')
@@ -228,6 +236,58 @@ def test_a_lost_host_s_tasks_are_failed_by_another_worker(losstasks, broker_env,
         assert late.get(timeout=20) == "finished"
         assert late.history[-1]["hostname"].startswith("beta@")
     assert beta.stop() == 0
+
+
+def _wait_running(path) -> None:
+    """Until ``append_slowly`` has written its line: the task runs."""
+    deadline = time.monotonic() + 30
+    while not (path.exists() and path.read_text()):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
+def test_a_lost_host_s_acks_late_task_runs_again_soon(losstasks, broker_env, project,
+                                                      workers):
+    """A whole worker is SIGKILLed while an acks_late task runs; another worker, started
+    afterwards, runs it again to SUCCESS.  Redis keeps the message in ``unacked`` for
+    the visibility timeout (an hour here, far beyond the deadline): the worker that
+    takes the lost node over puts it back at once.  RabbitMQ redelivers it when the
+    connection drops; SQLite's lease lapses (30 s by default)."""
+    path = project / "runs"
+    alpha = Worker(project, "losstasks", "-n", "alpha@%h", "--heartbeat-interval", BEAT,
+                   env=broker_env, concurrency=1)
+    workers.append(alpha)
+    r = losstasks.append_slowly.delay(str(path), 2)
+    _wait_running(path)
+    alpha.kill_all()
+    if broker_env["TEST_BROKER"].startswith("redis"):
+        client = redis.Redis.from_url(broker_env["TEST_BROKER"])
+        assert client.hlen("unacked") == 1  # held by the dead node
+    beta = Worker(project, "losstasks", "-n", "beta@%h", "--heartbeat-interval", BEAT,
+                  env=broker_env, concurrency=1)
+    workers.append(beta)
+    assert r.get(timeout=90) == "appended"
+    assert path.read_text() == "ran\nran\n"
+    assert r.history[-1]["hostname"].startswith("beta@")
+    assert beta.stop() == 0
+
+
+def test_a_killed_process_s_acks_late_task_runs_again_soon(losstasks, broker_env, project,
+                                                           workers):
+    """One worker process is SIGKILLed (as the OOM killer does) while an acks_late task
+    runs: on Redis its supervisor puts the message back at once (not after the hour of
+    the visibility timeout), and the process started in its place runs it to SUCCESS."""
+    path = project / "runs"
+    worker = Worker(project, "losstasks", "--heartbeat-interval", BEAT, env=broker_env,
+                    concurrency=1)
+    workers.append(worker)
+    r = losstasks.append_slowly.delay(str(path), 2)
+    _wait_running(path)
+    (child,) = worker.child_pids()
+    os.kill(child, signal.SIGKILL)
+    assert r.get(timeout=90) == "appended"
+    assert path.read_text() == "ran\nran\n"
+    assert worker.stop() == 0
 
 
 def test_a_worker_started_again_fails_what_it_ran_before_it_was_lost(

@@ -4,7 +4,9 @@ Entities (the same as a Celery 5.7 worker declares, so either can come first)::
 
     exchange <queue>   direct, durable            (Celery's task_default_exchange)
     queue    <queue>   durable, no arguments      bound to the exchange with key <queue>
-    queue    celeriac.dead_letters   durable      messages set aside, with x-celeriac-reason
+    queue    celeriac.dead_letters   durable      messages set aside, with x-celeriac-reason;
+                                                  each expires after dead_letter_max_age
+    exchange+queue celeriac.delay.<n>  fanout / x-message-ttl 2**n s: parked (ETA) messages
 
 Task messages go to the default exchange ``''`` with routing key ``<queue>``, persistent
 (``delivery_mode=2``), the Celery headers as AMQP headers and the body as its serializer
@@ -24,6 +26,7 @@ import contextlib
 import logging
 import math
 import os
+import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -37,7 +40,7 @@ import amqp
 from aio_pika.abc import AbstractIncomingMessage
 
 from ..protocol import CONTROL_EXCHANGE, Message, control_command, control_message
-from .base import Broker, Consumer
+from .base import DECODE_ERROR, Broker, Consumer, dead_letter_caps, undecodable
 
 log = logging.getLogger("celeriac.broker")
 
@@ -52,6 +55,38 @@ _DEATH_HEADERS = ("x-death", "x-first-death-exchange", "x-first-death-queue",
 
 #: What a lost (or dropped) producer connection raises.
 _LOST = (OSError, amqp.exceptions.RecoverableConnectionError)
+_frames_guarded = False
+
+
+def _guard_header_frames() -> None:
+    """Let a message whose headers nest deeper than Python's recursion limit arrive.
+
+    pamqp decodes nested header tables recursively; on such a message the connection's
+    frame reader would fail, the connection drop, and RabbitMQ deliver the message again,
+    for ever, while every message around it was delivered again too.  A header frame
+    that hits the limit is decoded once more with room for its depth (bounded by the
+    frame's size: each level takes at least five bytes); the worker then finds the
+    headers unusable and sets that one message aside."""
+    global _frames_guarded
+    if _frames_guarded:
+        return
+    import pamqp.frame
+
+    original = pamqp.frame._unmarshal_header_frame
+
+    def unmarshal(frame_data: bytes) -> Any:
+        try:
+            return original(frame_data)
+        except RecursionError:
+            limit = sys.getrecursionlimit()
+            sys.setrecursionlimit(limit + 4 * len(frame_data))
+            try:
+                return original(frame_data)
+            finally:
+                sys.setrecursionlimit(limit)
+
+    pamqp.frame._unmarshal_header_frame = unmarshal
+    _frames_guarded = True
 
 
 def _parse(url: str) -> dict[str, Any]:
@@ -78,6 +113,7 @@ class AMQPBroker(Broker):
     def __init__(self, url: str, transport_options: dict[str, Any] | None = None) -> None:
         self.url = url
         self.options = transport_options or {}
+        self.dead_letter_limit, self.dead_letter_max_age = dead_letter_caps(self.options)
         self._local = threading.local()
 
     # -- producer side (synchronous, py-amqp) --------------------------------------------
@@ -154,12 +190,39 @@ class AMQPBroker(Broker):
         conn.close()
 
     def purge(self, queues: Sequence[str]) -> int:
+        """Waiting messages and those parked for an ETA (first: a parked message that
+        comes due meanwhile lands in a queue still to be purged)."""
+        total = self._purge_parked(set(queues))
         channel = self._channel()
-        total = 0
         for q in queues:
             self._declare(channel, q)
             total += channel.queue_purge(q) or 0
         return total
+
+    def _purge_parked(self, queues: set[str]) -> int:
+        """Drop the messages for ``queues`` from the delay queues, which hold every
+        queue's parked messages together: each delay queue's messages are taken without
+        an ack, those routed to ``queues`` acked, and the channel closed, which hands
+        the others back in their places, their time waited so far kept."""
+        conn = amqp.Connection(**_parse(self.url))
+        conn.connect()
+        dropped = 0
+        try:
+            for level in range(DELAY_LEVELS):
+                name = f"celeriac.delay.{level}"
+                channel = conn.channel()
+                try:
+                    channel.queue_declare(name, passive=True)
+                except amqp.exceptions.NotFound:
+                    continue  # never used (the server closed the channel)
+                while (m := channel.basic_get(name, no_ack=False)) is not None:
+                    if m.delivery_info.get("routing_key") in queues:
+                        channel.basic_ack(m.delivery_tag)
+                        dropped += 1
+                channel.close()
+        finally:
+            conn.close()
+        return dropped
 
     def consumer(self, queues: Sequence[str], *, name: str, io: Executor) -> Consumer:
         return AMQPConsumer(self, list(queues), name)
@@ -191,7 +254,13 @@ def _to_amqp(message: Message) -> amqp.Message:
 
 
 def _from_aio(incoming: AbstractIncomingMessage, queue: str) -> Message:
-    headers = {k: _plain(v) for k, v in (incoming.headers or {}).items()}
+    try:
+        headers = {k: _plain(v) for k, v in (incoming.headers or {}).items()}
+    except Exception as exc:  # RecursionError, or anything: set aside on its own
+        message = undecodable(incoming.body, queue, exc)
+        message.properties["correlation_id"] = incoming.correlation_id  # its task id
+        message.tag = incoming
+        return message
     props: dict[str, Any] = {
         "correlation_id": incoming.correlation_id,
         "reply_to": incoming.reply_to,
@@ -263,6 +332,7 @@ class AMQPConsumer(Consumer):
             with contextlib.suppress(Exception):
                 await self._connection.close()
             self._connection = self._channel = None
+        _guard_header_frames()
         self._inbox = asyncio.Queue()
         self._queues, self._tags = [], []
         self._connection = await aio_pika.connect(_aio_url(self.broker.url),
@@ -441,14 +511,17 @@ class AMQPConsumer(Consumer):
             return
         self._unsettled.discard(incoming.delivery_tag or 0)
         assert self._channel is not None
-        headers = dict(incoming.headers or {})
+        # headers that could not be read are not sent again
+        headers = {} if DECODE_ERROR in message.properties else dict(incoming.headers or {})
         headers["x-celeriac-reason"] = reason
         headers["x-celeriac-queue"] = message.queue
+        max_age = self.broker.dead_letter_max_age
         await self._channel.default_exchange.publish(
             aio_pika.Message(incoming.body, headers=headers,
                              content_type=incoming.content_type,
                              content_encoding=incoming.content_encoding,
-                             delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                             expiration=max_age or None),
             routing_key=DEAD_LETTERS)
         await incoming.ack()
 

@@ -15,15 +15,27 @@ import asyncio
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 from ..protocol import Message
 from ..routing import QueueSpec
 
 T = TypeVar("T")
 log = logging.getLogger("celeriac.broker")
+
+#: Dead letters each broker keeps, at most (transport option ``dead_letter_limit``;
+#: 0 keeps every one), and for how long (``dead_letter_max_age``, seconds; 0: for ever).
+DEAD_LETTER_LIMIT = 10_000
+DEAD_LETTER_MAX_AGE = 7 * 24 * 3600.0
+
+
+def dead_letter_caps(options: Mapping[str, Any]) -> tuple[int, float]:
+    """``(limit, max_age)`` of the dead-letter store from the broker's transport options."""
+    limit = options.get("dead_letter_limit", DEAD_LETTER_LIMIT)
+    age = options.get("dead_letter_max_age", DEAD_LETTER_MAX_AGE)
+    return max(0, int(limit or 0)), max(0.0, float(age or 0))
 
 if TYPE_CHECKING:
     from ..backends.base import Backend, Record, Roster
@@ -91,6 +103,37 @@ class Consumer(ABC):
             await backend.record_async(records, io, roster)
         if acks:
             await self.ack(acks)
+
+
+#: The property a consumer sets on a message it could not decode (its value: why); the
+#: worker sets such a message aside with that reason.
+DECODE_ERROR = "celeriac_decode_error"
+
+
+def undecodable(raw: bytes, queue: str, error: BaseException) -> Message:
+    """A message whose bytes could not be decoded, to be set aside on its own (any error,
+    RecursionError or MemoryError included: one bad message never stalls its batch)."""
+    message = Message({}, bytes(raw), "", "", {}, queue=queue)
+    message.properties[DECODE_ERROR] = f"undecodable message: {error!r}"[:500]
+    message.raw = bytes(raw)
+    return message
+
+
+@runtime_checkable
+class GivesBackLostNodes(Protocol):
+    """A broker whose consumers note which worker node holds each delivery, so that the
+    worker taking over a lost node (see ``celeriac.worker.heartbeat``) can put the
+    messages it held back on their queues at once.  A broker that redelivers by itself
+    when a connection drops (RabbitMQ) or whose holds lapse (SQLite leases) needs not."""
+
+    #: the worker node this process's consumers serve (set by the worker's supervisor
+    #: in each worker process; None: not noted)
+    node: str | None
+
+    def give_back_node(self, node: str) -> int:
+        """Put every message ``node`` (or one process of it, ``<node>/<pid>``) holds
+        back on its queue; returns how many."""
+        ...
 
 
 class Broker(ABC):

@@ -14,14 +14,15 @@ from collections.abc import Sequence
 from concurrent.futures import Executor
 
 from ..protocol import Message
-from .base import Broker, Consumer
+from .base import Broker, Consumer, dead_letter_caps
 
 
 class _Store:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.queues: dict[str, deque[Message]] = {}
-        self.dead: list[tuple[Message, str]] = []
+        #: messages set aside, the newest ``dead_letter_limit`` (as the other brokers)
+        self.dead: deque[tuple[Message, str]] = deque()
         self.waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
         self.tags = itertools.count(1)
 
@@ -47,6 +48,9 @@ class MemoryBroker(Broker):
     def __init__(self, url: str, transport_options: dict[str, object] | None = None) -> None:
         self.url = url
         self.store = _store_for(url)
+        limit = dead_letter_caps(transport_options or {})[0] or None
+        if self.store.dead.maxlen != limit:
+            self.store.dead = deque(self.store.dead, maxlen=limit)
 
     def publish(self, message: Message) -> None:
         with self.store.lock:

@@ -8,8 +8,11 @@ Layout (inspect with ``redis-cli``)::
     unacked                  HASH  delivery_tag -> JSON [envelope, exchange, routing_key]
     unacked_index            ZSET  delivery_tag scored by when it was taken (or last renewed)
     unacked_mutex            STRING lock held while expired entries are put back
+    celeriac.unacked_node    HASH  delivery_tag -> "<worker node id>/<pid>" holding it (celeriac's)
     _kombu.binding.<queue>   SET   "<routing_key>\\x06\\x16\\x06\\x16<queue>" (declared by workers)
-    celeriac.dead_letters    LIST  messages set aside: JSON {queue, reason, failed_at, payload}
+    celeriac.dead_letters    LIST  messages set aside: JSON {queue, reason, failed_at, payload},
+                             newest first, capped (``dead_letter_limit``/``dead_letter_max_age``)
+    celeriac.delayed\x06\x16<list>  ZSET  messages parked until their ETA, scored by it
 
 A consumer takes a batch with one Lua script that pops the messages and enters them in
 ``unacked``/``unacked_index`` atomically; when nothing is waiting it blocks on BRPOP (no
@@ -17,6 +20,20 @@ polling) and enters what it got the same way.  An ack removes the entries.  Whil
 a message it renews the entry's score, so a long task is not redelivered; an entry older
 than ``visibility_timeout`` (default 3600 s, kombu's) belongs to a consumer that died and
 is put back on its queue by whichever worker — Celery's or celeriac's — checks first.
+
+A celeriac consumer that serves a worker node with heartbeats also notes, in the same
+atomic step as the take, which node and process hold each delivery
+(``celeriac.unacked_node``); the entry goes with the ack.  When the heartbeats show the
+node is lost, the worker that takes it over puts every message the node held back on
+its queue at once (:meth:`RedisBroker.give_back_node`), and when one process of a node
+dies its supervisor does the same for that process, instead of leaving them to the
+visibility timeout.
+Kombu neither reads nor writes that hash, so Celery workers sharing the queues see the
+layout they expect.
+
+Putting a message back (warm shutdown, a lost node, an expired entry) is one Lua script
+that checks the ``unacked`` entry is still the one read and moves it in the same step,
+so it never fails because other workers are taking and acking at the same time.
 """
 
 from __future__ import annotations
@@ -44,7 +61,7 @@ from ..protocol import (
     decode_envelope,
     encode_envelope,
 )
-from .base import Broker, Consumer
+from .base import Broker, Consumer, dead_letter_caps, undecodable
 
 log = logging.getLogger("celeriac.broker")
 
@@ -53,6 +70,7 @@ PRIORITY_STEPS = (0, 3, 6, 9)
 UNACKED = "unacked"
 UNACKED_INDEX = "unacked_index"
 UNACKED_MUTEX = "unacked_mutex"
+UNACKED_NODE = "celeriac.unacked_node"
 DEAD_LETTERS = "celeriac.dead_letters"
 DEFAULT_VISIBILITY_TIMEOUT = 3600.0
 #: How often a consumer puts back the messages of consumers that died (seconds).
@@ -60,14 +78,16 @@ RESTORE_EVERY = 60.0
 #: How often a consumer looks for parked (ETA) messages that are due, at least (seconds).
 RECHECK_PARKED = 1.0
 
-# Pop up to ARGV[1] messages from KEYS[1..n-2] in order and enter each in the unacked
-# hash and index (KEYS[n-1], KEYS[n]) in the same atomic step.  A message that is not
+# Pop up to ARGV[1] messages from KEYS[1..n-3] in order and enter each in the unacked
+# hash and index (KEYS[n-2], KEYS[n-1]) in the same atomic step, and note the worker
+# node ARGV[3] holding it in KEYS[n] (unless ARGV[3] is '').  A message that is not
 # JSON is returned with an empty tag, for the worker to set aside.
 _TAKE = """
 local limit = tonumber(ARGV[1])
 local now = ARGV[2]
-local nq = #KEYS - 2
-local index, unacked = KEYS[nq + 1], KEYS[nq + 2]
+local node = ARGV[3]
+local nq = #KEYS - 3
+local index, unacked, owners = KEYS[nq + 1], KEYS[nq + 2], KEYS[nq + 3]
 local out = {}
 local taken = 0
 for i = 1, nq do
@@ -89,6 +109,7 @@ for i = 1, nq do
       redis.call('ZADD', index, now, tag)
       redis.call('HSET', unacked, tag,
                  '[' .. item .. ',' .. cjson.encode(ex) .. ',' .. cjson.encode(rk) .. ']')
+      if node ~= '' then redis.call('HSET', owners, tag, node) end
     end
     table.insert(out, KEYS[i])
     table.insert(out, item)
@@ -120,6 +141,81 @@ return {moved, nextdue and tostring(nextdue) or ''}
 """
 
 
+# Keep the dead-letter list (KEYS[1]) within ARGV[n] entries and drop those set aside
+# before ARGV[n+1] (epoch s); 0 means no limit.  Newest entries are on the left.
+_TRIM_DEAD = """
+local function trim_dead(key, limit, oldest)
+  if limit > 0 then redis.call('LTRIM', key, 0, limit - 1) end
+  if oldest > 0 then
+    while true do
+      local last = redis.call('LINDEX', key, -1)
+      if not last then break end
+      local ok, m = pcall(cjson.decode, last)
+      if ok and type(m) == 'table' and type(m.failed_at) == 'number'
+          and m.failed_at >= oldest then break end
+      redis.call('RPOP', key)
+    end
+  end
+end
+"""
+
+# Set a message aside: forget its unacked entry (tag ARGV[1], '' none; KEYS[1..3]:
+# unacked, unacked_index, unacked_node), add the record ARGV[2] to the dead letters
+# (KEYS[4]) and trim them (ARGV[3], ARGV[4]).
+_DEAD_LETTER = _TRIM_DEAD + """
+if ARGV[1] ~= '' then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  redis.call('HDEL', KEYS[3], ARGV[1])
+end
+redis.call('LPUSH', KEYS[4], ARGV[2])
+trim_dead(KEYS[4], tonumber(ARGV[3]), tonumber(ARGV[4]))
+return 1
+"""
+
+# Put one held message back on its queue(s), atomically.  KEYS: unacked, unacked_index,
+# unacked_node, dead letters, and the exchange's binding set ('' for the default
+# exchange).  ARGV: tag, the unacked entry as the caller read it, the payload to push
+# (marked redelivered), the priority suffix of the list, the routing key, the node that
+# must hold it ('' any), then for an entry that cannot be read: the dead-letter record,
+# limit, oldest.  Returns 1 when put back (or set aside), 0 when there was nothing to
+# put back (gone, or held by another node now), -1 when the entry changed since it was
+# read (read it again and retry).
+_GIVE_BACK = _TRIM_DEAD + """
+local tag = ARGV[1]
+local entry = redis.call('HGET', KEYS[1], tag)
+if not entry then
+  redis.call('ZREM', KEYS[2], tag)
+  if ARGV[6] == '' or redis.call('HGET', KEYS[3], tag) == ARGV[6] then
+    redis.call('HDEL', KEYS[3], tag)
+  end
+  return 0
+end
+if entry ~= ARGV[2] then return -1 end
+if ARGV[6] ~= '' and redis.call('HGET', KEYS[3], tag) ~= ARGV[6] then return 0 end
+redis.call('HDEL', KEYS[1], tag)
+redis.call('ZREM', KEYS[2], tag)
+redis.call('HDEL', KEYS[3], tag)
+if ARGV[3] == '' then
+  redis.call('LPUSH', KEYS[4], ARGV[7])
+  trim_dead(KEYS[4], tonumber(ARGV[8]), tonumber(ARGV[9]))
+  return 1
+end
+local queues = {}
+if KEYS[5] ~= '' then
+  for _, member in ipairs(redis.call('SMEMBERS', KEYS[5])) do
+    local rk, q = string.match(member, '^(.-)\\6\\22.-\\6\\22(.*)$')
+    if rk == ARGV[5] then table.insert(queues, q) end
+  end
+end
+if #queues == 0 then queues = {ARGV[5]} end
+for _, q in ipairs(queues) do
+  redis.call('RPUSH', q .. ARGV[4], ARGV[3])
+end
+return 1
+"""
+
+
 def delayed_key(list_key: str) -> str:
     """The sorted set of messages parked until their ETA, for one queue list."""
     return f"celeriac.delayed{SEP}{list_key}"
@@ -133,11 +229,15 @@ def sync_client(url: str) -> redis.Redis:
 
 
 def async_client(url: str) -> aioredis.Redis:
+    """Like :func:`sync_client`; a command waits for one of its 100 connections to be
+    free rather than failing (many held messages given back at once, for instance)."""
     from redis.asyncio.retry import Retry
 
-    return aioredis.Redis.from_url(
+    pool = aioredis.BlockingConnectionPool.from_url(
         url, retry=Retry(redis.backoff.ExponentialBackoff(cap=1.0, base=0.01), 3),
-        retry_on_error=[redis.ConnectionError, redis.TimeoutError])
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError], max_connections=100,
+        timeout=None)
+    return aioredis.Redis.from_pool(pool)
 
 
 def queue_key(queue: str, priority: int | None) -> str:
@@ -169,15 +269,71 @@ class RedisBroker(Broker):
         options = transport_options or {}
         self.visibility_timeout = float(
             options.get("visibility_timeout", DEFAULT_VISIBILITY_TIMEOUT))
+        self.dead_letter_limit, self.dead_letter_max_age = dead_letter_caps(options)
+        #: the worker node whose deliveries this process notes (see GivesBackLostNodes)
+        self.node: str | None = None
         self._client: redis.Redis | None = None
+        self._give_back_script: Any = None
         self._pid = 0
 
     @property
     def client(self) -> redis.Redis:
         if self._client is None or self._pid != os.getpid():
             self._client = sync_client(self.url)
+            self._give_back_script = self._client.register_script(_GIVE_BACK)
             self._pid = os.getpid()
         return self._client
+
+    def dead_letter_record(self, queue: str, reason: str, payload: bytes) -> str:
+        return json.dumps({"queue": queue, "reason": reason, "failed_at": time.time(),
+                           "payload": payload.decode("utf-8", "replace")})
+
+    def dead_letter_trim(self) -> list[float]:
+        """The script arguments that keep the dead letters within their caps."""
+        oldest = time.time() - self.dead_letter_max_age if self.dead_letter_max_age else 0
+        return [self.dead_letter_limit, oldest]
+
+    def give_back_call(self, tag: str, entry: bytes | str | None,
+                       node: str) -> tuple[list[str], list[Any]]:
+        """Keys and arguments of the _GIVE_BACK script for ``entry`` (as read from
+        ``unacked``, None: gone).  An entry that cannot be read is set aside."""
+        payload, suffix, binding, routing_key, dead = "", "", "", "", ""
+        if entry is not None:
+            try:
+                raw, exchange, routing_key = json.loads(entry)
+                if not (isinstance(exchange, str) and isinstance(routing_key, str)):
+                    raise TypeError("exchange and routing key must be strings")
+                suffix = queue_key("", (raw.get("properties") or {}).get("priority"))
+                payload = json.dumps(_restored(raw))
+                binding = f"_kombu.binding.{exchange}" if exchange else ""
+            except Exception as exc:  # hostile or broken: never lost, never retried
+                payload, suffix, binding, routing_key = "", "", "", ""
+                dead = self.dead_letter_record(
+                    "", f"unreadable unacked entry: {exc!r}"[:500],
+                    entry if isinstance(entry, bytes) else entry.encode())
+        keys = [UNACKED, UNACKED_INDEX, UNACKED_NODE, DEAD_LETTERS, binding]
+        args = [tag, entry or b"", payload, suffix, routing_key, node, dead,
+                *self.dead_letter_trim()]
+        return keys, args
+
+    def give_back(self, tag: str, node: str = "") -> int:
+        """Put one held message back on its queue (only if ``node`` holds it, when
+        given); retried until done, as other workers' takes and acks never block it."""
+        client = self.client
+        while True:
+            keys, args = self.give_back_call(tag, client.hget(UNACKED, tag), node)
+            done = int(self._give_back_script(keys=keys, args=args))
+            if done >= 0:
+                return done
+
+    def give_back_node(self, node: str) -> int:
+        """Put every message that worker node ``node`` (or one process of it,
+        ``<node>/<pid>``) held back on its queue."""
+        exact, prefix = node.encode(), f"{node}/".encode()
+        held = [(_text(tag), _text(owner))
+                for tag, owner in self.client.hscan_iter(UNACKED_NODE, count=1000)
+                if owner == exact or owner.startswith(prefix)]
+        return sum(self.give_back(tag, owner) for tag, owner in held)
 
     def publish(self, message: Message) -> None:
         key = queue_key(message.queue, message.properties.get("priority"))
@@ -211,16 +367,21 @@ class RedisBroker(Broker):
             client.close()
 
     def purge(self, queues: Sequence[str]) -> int:
-        keys = [queue_key(q, p) for q in queues for p in PRIORITY_STEPS]
+        """Waiting messages and those parked for an ETA, in one transaction."""
+        lists = [queue_key(q, p) for q in queues for p in PRIORITY_STEPS]
+        keys = [*lists, *(delayed_key(k) for k in lists)]
         with self.client.pipeline() as pipe:
-            for k in keys:
+            for k in lists:
                 pipe.llen(k)
+            for k in lists:
+                pipe.zcard(delayed_key(k))
             pipe.delete(*keys)
             counts = pipe.execute()
         return int(sum(counts[:-1]))
 
     def consumer(self, queues: Sequence[str], *, name: str, io: Executor) -> Consumer:
-        return RedisConsumer(self, list(queues), name)
+        owner = f"{self.node}/{os.getpid()}" if self.node else None
+        return RedisConsumer(self, list(queues), name, owner)
 
     @property
     def control_channel(self) -> str:
@@ -243,10 +404,13 @@ class RedisBroker(Broker):
 
 
 class RedisConsumer(Consumer):
-    def __init__(self, broker: RedisBroker, queues: list[str], name: str) -> None:
+    def __init__(self, broker: RedisBroker, queues: list[str], name: str,
+                 node: str | None = None) -> None:
         self.broker = broker
         self.queues = queues
         self.name = name
+        #: "<node>/<pid>", noted with each delivery taken ('' not noted)
+        self.node = node or ""
         self.keys = [queue_key(q, p) for p in PRIORITY_STEPS for q in queues]
         self.visibility_timeout = broker.visibility_timeout
         self._client: aioredis.Redis | None = None
@@ -254,6 +418,8 @@ class RedisConsumer(Consumer):
         self._held: dict[str, Message] = {}
         self._background: list[asyncio.Task[None]] = []
         self._move_script: Any = None
+        self._give_back_script: Any = None
+        self._dead_script: Any = None
         self._next_due = 0.0  # when to look for parked messages that are due next
 
     async def _connect(self) -> aioredis.Redis:
@@ -265,6 +431,8 @@ class RedisConsumer(Consumer):
                 await pipe.execute()
             self._take_script = client.register_script(_TAKE)
             self._move_script = client.register_script(_MOVE_DUE)
+            self._give_back_script = client.register_script(_GIVE_BACK)
+            self._dead_script = client.register_script(_DEAD_LETTER)
             self._client = client
             loop = asyncio.get_running_loop()
             self._background = [loop.create_task(self._renew_forever()),
@@ -334,14 +502,16 @@ class RedisConsumer(Consumer):
             pipe.zadd(delayed_key(key), {message.raw: due})
             pipe.zrem(UNACKED_INDEX, tag)
             pipe.hdel(UNACKED, tag)
+            if self.node:
+                pipe.hdel(UNACKED_NODE, tag)
             await pipe.execute()
         self._held.pop(tag, None)
         self._next_due = min(self._next_due, due)
         return True
 
     async def _take(self, limit: int) -> list[Message]:
-        out = await self._take_script(keys=[*self.keys, UNACKED_INDEX, UNACKED],
-                                      args=[limit, time.time()])
+        out = await self._take_script(keys=[*self.keys, UNACKED_INDEX, UNACKED, UNACKED_NODE],
+                                      args=[limit, time.time(), self.node])
         messages = []
         for i in range(0, len(out), 3):
             key, raw, tag = out[i].decode(), out[i + 1], out[i + 2].decode()
@@ -360,6 +530,8 @@ class RedisConsumer(Consumer):
             async with self._client.pipeline(transaction=True) as pipe:
                 pipe.zadd(UNACKED_INDEX, {tag: time.time()})
                 pipe.hset(UNACKED, tag, entry)
+                if self.node:
+                    pipe.hset(UNACKED_NODE, tag, self.node)
                 await pipe.execute()
             message.tag = tag
             self._held[tag] = message
@@ -369,9 +541,8 @@ class RedisConsumer(Consumer):
         queue = queue_of_key(key)
         try:
             message = decode_envelope(raw, queue)
-        except ValueError as exc:
-            message = Message({}, raw, "", "", {}, queue=queue)
-            message.properties["celeriac_decode_error"] = str(exc)
+        except Exception as exc:  # anything (even RecursionError): this one is set aside
+            message = undecodable(raw, queue, exc)
         message.raw = raw
         message.redelivered = bool((message.properties.get("delivery_info") or {}).get(
             "redelivered") or message.headers.get("redelivered"))
@@ -395,6 +566,8 @@ class RedisConsumer(Consumer):
             if tags:
                 pipe.zrem(UNACKED_INDEX, *tags)
                 pipe.hdel(UNACKED, *tags)
+                if self.node:
+                    pipe.hdel(UNACKED_NODE, *tags)
             try:
                 backend.applied(records, await pipe.execute(raise_on_error=False), skip)
             except redis.exceptions.NoScriptError:
@@ -411,6 +584,8 @@ class RedisConsumer(Consumer):
         async with self._client.pipeline(transaction=False) as pipe:
             pipe.zrem(UNACKED_INDEX, *tags)
             pipe.hdel(UNACKED, *tags)
+            if self.node:
+                pipe.hdel(UNACKED_NODE, *tags)
             await pipe.execute()
         for t in tags:
             self._held.pop(t, None)
@@ -418,18 +593,20 @@ class RedisConsumer(Consumer):
     async def reject(self, message: Message, *, requeue: bool, reason: str = "") -> None:
         client = await self._connect()
         raw = message.raw or b""
-        async with client.pipeline(transaction=True) as pipe:
-            if message.tag:
-                pipe.zrem(UNACKED_INDEX, message.tag)
-                pipe.hdel(UNACKED, message.tag)
-            if requeue:  # back to the front: it is the next one taken
+        if requeue:  # back to the front: it is the next one taken
+            async with client.pipeline(transaction=True) as pipe:
+                if message.tag:
+                    pipe.zrem(UNACKED_INDEX, message.tag)
+                    pipe.hdel(UNACKED, message.tag)
+                    pipe.hdel(UNACKED_NODE, message.tag)
                 payload = json.dumps(_restored(json.loads(raw)))
                 pipe.rpush(queue_key(message.queue, message.properties.get("priority")), payload)
-            else:
-                pipe.lpush(DEAD_LETTERS, json.dumps({
-                    "queue": message.queue, "reason": reason, "failed_at": time.time(),
-                    "payload": raw.decode("utf-8", "replace")}))
-            await pipe.execute()
+                await pipe.execute()
+        else:
+            record = self.broker.dead_letter_record(message.queue, reason, raw)
+            await self._dead_script(
+                keys=[UNACKED, UNACKED_INDEX, UNACKED_NODE, DEAD_LETTERS],
+                args=[message.tag or "", record, *self.broker.dead_letter_trim()])
         if message.tag:
             self._held.pop(message.tag, None)
 
@@ -468,35 +645,13 @@ class RedisConsumer(Consumer):
                 await client.delete(UNACKED_MUTEX)
         return restored
 
-    async def _restore_tag(self, client: aioredis.Redis, tag: str) -> int:
-        async with client.pipeline(transaction=True) as pipe:
-            await pipe.watch(UNACKED)
-            entry = await pipe.hget(UNACKED, tag)
-            pipe.multi()
-            pipe.zrem(UNACKED_INDEX, tag)
-            pipe.hdel(UNACKED, tag)
-            if entry:
-                raw, exchange, routing_key = json.loads(entry)
-                priority = (raw.get("properties") or {}).get("priority")
-                for queue in await self._lookup(client, exchange, routing_key):
-                    pipe.rpush(queue_key(queue, priority), json.dumps(_restored(raw)))
-            try:
-                await pipe.execute()
-            except redis.WatchError:
-                return 0
-        return 1 if entry else 0
-
-    async def _lookup(self, client: aioredis.Redis, exchange: str,
-                      routing_key: str) -> list[str]:
-        if not exchange:
-            return [routing_key]
-        members = await client.smembers(f"_kombu.binding.{exchange}")
-        queues = []
-        for member in members:
-            rk, _, queue = _text(member).split(SEP)
-            if rk == routing_key:
-                queues.append(queue)
-        return queues or [routing_key]
+    async def _restore_tag(self, client: aioredis.Redis, tag: str, node: str = "") -> int:
+        """The async twin of :meth:`RedisBroker.give_back`: retried until done."""
+        while True:
+            keys, args = self.broker.give_back_call(tag, await client.hget(UNACKED, tag), node)
+            done = int(await self._give_back_script(keys=keys, args=args))
+            if done >= 0:
+                return done
 
     async def close(self) -> None:
         for t in self._background:
@@ -505,7 +660,7 @@ class RedisConsumer(Consumer):
             return
         for tag in reversed(list(self._held)):  # not acked: back to the front, in order
             with contextlib.suppress(redis.RedisError):
-                await self._restore_tag(self._client, tag)
+                await self._restore_tag(self._client, tag, self.node)
         self._held.clear()
         await self._client.aclose()
         self._client = None

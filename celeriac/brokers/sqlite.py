@@ -3,7 +3,7 @@
 Layout (inspect it with ``sqlite3 celeriac.db``)::
 
     celeriac_messages(id, queue, priority, visible_at, owner, deliveries, payload)
-    celeriac_dead_letters(id, queue, payload, reason, failed_at)
+    celeriac_dead_letters(id, queue, payload, reason, failed_at)   the newest 10,000, a week
     celeriac_broadcasts(seq, body, sent_at)   remote-control commands, kept an hour
 
 ``payload`` is kombu's JSON envelope (the same bytes the Redis transport keeps in
@@ -41,7 +41,7 @@ from .._sqlite import (
 )
 from ..bell import Bell, Listener, bell_dir
 from ..protocol import Message, decode_envelope, encode_envelope
-from .base import Broker, Consumer
+from .base import Broker, Consumer, dead_letter_caps, undecodable
 
 if TYPE_CHECKING:
     from ..backends.base import Backend, Record, Roster
@@ -95,6 +95,7 @@ class SQLiteBroker(Broker):
         self.visibility_timeout = float(
             options.get("visibility_timeout", DEFAULT_VISIBILITY_TIMEOUT)  # type: ignore[arg-type]
         )
+        self.dead_letter_limit, self.dead_letter_max_age = dead_letter_caps(options)
         self.connections = ThreadConnections(self.path, SCHEMA)
         self.bell_dir = bell_dir(self.path, "queues")
         self._bell: Bell | None = None
@@ -168,6 +169,16 @@ class SQLiteBroker(Broker):
         return self.connections.get().execute(
             "SELECT seq, body FROM celeriac_broadcasts WHERE seq > ? ORDER BY seq",
             (seq,)).fetchall()
+
+    def trim_dead_letters(self, conn: sqlite3.Connection) -> None:
+        """Keep the dead letters within their caps (inside the caller's transaction)."""
+        if self.dead_letter_limit:
+            conn.execute("DELETE FROM celeriac_dead_letters WHERE id <= "
+                         "(SELECT id FROM celeriac_dead_letters ORDER BY id DESC "
+                         "LIMIT 1 OFFSET ?)", (self.dead_letter_limit,))
+        if self.dead_letter_max_age:
+            conn.execute("DELETE FROM celeriac_dead_letters WHERE failed_at < ?",
+                         (time.time() - self.dead_letter_max_age,))
 
     def dead_letters(self) -> list[tuple[str, str, bytes]]:
         """(queue, reason, payload) of every message set aside, oldest first."""
@@ -288,9 +299,8 @@ class SQLiteConsumer(Consumer):
             self._held.add(row_id)
             try:
                 message = decode_envelope(payload, queue)
-            except ValueError as exc:  # the envelope itself is broken: keep the bytes visible
-                message = Message({}, bytes(payload), "", "", {}, queue=queue)
-                message.properties["celeriac_decode_error"] = str(exc)
+            except Exception as exc:  # anything, RecursionError too: set aside on its own
+                message = undecodable(payload, queue, exc)
             message.tag = row_id
             message.redelivered = deliveries > 1
             messages.append(message)
@@ -361,6 +371,7 @@ class SQLiteConsumer(Consumer):
                     (reason, time.time(), row_id),
                 )
                 conn.execute("DELETE FROM celeriac_messages WHERE id = ?", (row_id,))
+                self.broker.trim_dead_letters(conn)
         self._held.discard(row_id)
         if requeue:
             self.broker.bell.ring()

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import connection, states
 from ..backends.base import Record, RecordsRefused, Roster, history_entry
+from ..brokers.base import DECODE_ERROR
 from ..control import REVOKES_EXPIRE, bound_revoked
 from ..exceptions import (
     BackendStoreError,
@@ -644,6 +645,8 @@ class WorkerProcess:
 
     async def _handle(self, message: Message) -> None:
         try:
+            if DECODE_ERROR in message.properties:  # the consumer could not decode it
+                raise DecodeError(message.properties[DECODE_ERROR])
             call = parse_task_message(message, self.accept)
         except (DecodeError, UnsafeTaskId) as exc:
             await self._set_aside(message, f"malformed message: {exc}", exc)

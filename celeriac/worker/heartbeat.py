@@ -16,6 +16,11 @@ supervisor killed with its processes, is handled here, through the result store:
   every task its roster holds, and removes it.  Tasks that stored their end already keep
   it: ready states are final.
 
+The claimant also has the broker put back the messages the lost node held unacked
+(its ``acks_late`` tasks and what it had prefetched), where the broker keeps them until
+a timeout otherwise (Redis: see ``GivesBackLostNodes``); RabbitMQ redelivers them when
+the connection drops, and SQLite's leases lapse after ``visibility_timeout`` (30 s).
+
 So with the default 2 s interval, a lost host's running tasks become FAILURE within
 about 12 s (10 s without a heartbeat, plus up to one interval until a peer looks), as
 long as some worker using the same result store is up, or as soon as one starts.
@@ -32,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import states
 from ..backends.base import Roster
+from ..brokers.base import GivesBackLostNodes
 from ..exceptions import WorkerLostError
 from ..protocol import exception_to_dict
 
@@ -124,10 +130,29 @@ class Heart:
             if not store_lost(self.app, [(t, "") for t in task_ids], error, self.hostname,
                               {"lost_node": node}, None):
                 return  # the claim lapses: this or another worker tries again later
+        if not self.give_back(node):
+            return  # likewise
         try:
             backend.forget_node(node)
         except Exception as exc:  # claimed: another worker takes it over again later
             log.warning("could not remove lost worker %s: %r", node, exc)
+
+    def give_back(self, node: str) -> bool:
+        """Put the messages a lost node (or a dead process of this one, ``<node>/<pid>``)
+        held unacked (its ``acks_late`` tasks, its prefetched ones) back on their queues
+        now, where the broker knows which they are; False when the broker could not be
+        reached."""
+        broker = self.app.broker
+        if not isinstance(broker, GivesBackLostNodes):
+            return True  # it redelivers by itself (RabbitMQ) or its leases lapse (SQLite)
+        try:
+            count = broker.give_back_node(node)
+        except Exception as exc:
+            log.warning("could not give back the messages of worker %s: %r", node, exc)
+            return False
+        if count:
+            log.warning("gave back %d messages that worker %s held", count, node)
+        return True
 
     def stop(self) -> None:
         """The node stops cleanly: its heartbeat and roster go."""

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import signals
 from ..backends.base import Roster
+from ..brokers.base import GivesBackLostNodes
 from ..conf import masked_url
 from ..exceptions import WorkerLostError
 from .consumer import run_process
@@ -125,6 +126,9 @@ def run_worker(app: Celeriac, *, concurrency: int, queues: list[str], hostname: 
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 multiprocessing.current_process().name = f"Worker-{slot}"
+                broker = app.broker
+                if heart is not None and isinstance(broker, GivesBackLostNodes):
+                    broker.node = node  # so a peer can give back what it holds if lost
                 run_process(app, queues, hostname, housekeeper=slot == 1, slots=active,
                             node=node if heart is not None else None)
             except BaseException:
@@ -159,6 +163,8 @@ def run_worker(app: Celeriac, *, concurrency: int, queues: list[str], hostname: 
             store_lost(app, lost, WorkerLostError(f"Worker exited prematurely: {how}."),
                        hostname, {"pid": pid},
                        None if heart is None else Roster(node, (), [t for t, _ in lost]))
+        if heart is not None:
+            heart.give_back(f"{node}/{pid}")  # its acks_late and prefetched messages
         if stopping:
             return
         log.error("worker process %d (Worker-%d) exited with %s; starting a new one",
