@@ -511,6 +511,7 @@ class WorkerProcess:
                 found = {}
             for task_id, until in found.items():
                 self.revoked[task_id] = max(until, self.revoked.get(task_id, 0.0))
+            bound_revoked(self.revoked)
             self._revokes_loaded.set()
 
         t = self.loop.create_task(load())
@@ -754,10 +755,12 @@ class WorkerProcess:
             message = retry_message(call, retries=plan.retries, eta=plan.eta, args=plan.args,
                                     kwargs=plan.kwargs, queue=plan.queue,
                                     priority=plan.priority)
-            await self.loop.run_in_executor(
-                self.io, self.app.publish, message,
+            # a broker that is away is waited for: never a reason for the task to fail
+            await connection.until_connected(partial(
+                self.loop.run_in_executor, self.io, self.app.publish, message,
                 call.args if plan.args is None else plan.args,
-                call.kwargs if plan.kwargs is None else plan.kwargs)
+                call.kwargs if plan.kwargs is None else plan.kwargs),
+                f"queueing the retry of task {call.id}", self.stopping)
         except Exception as exc:
             log.error("Task %s[%s] could not be queued again for its retry: %r", call.name,
                       call.id, exc)

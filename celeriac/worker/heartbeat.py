@@ -32,7 +32,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .. import states
@@ -91,6 +91,23 @@ class Heart:
         self.interval = interval
         self.lost_after = interval * LOST_AFTER_BEATS
         self._failing = False
+
+    def register(self, stopping: Callable[[], bool]) -> bool:
+        """Write this node's first heartbeat, trying until the store takes it (or
+        ``stopping()``; then False).  No process may note a task in the node's roster
+        before: a roster whose node has no heartbeat would never be found lost."""
+        pause = 0.25
+        while True:
+            try:
+                self.app.backend.heartbeat(self.node, time.time())
+                return True
+            except Exception as exc:
+                log.error("writing this worker's first heartbeat failed: %r; retrying in "
+                          "%.1fs (no task is taken before it is written)", exc, pause)
+            if stopping():
+                return False
+            time.sleep(pause)
+            pause = min(pause * 2, 5.0)
 
     def beat(self) -> None:
         """Write this node's heartbeat, then fail the tasks of any lost node."""

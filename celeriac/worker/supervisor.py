@@ -184,7 +184,10 @@ def run_worker(app: Celeriac, *, concurrency: int, queues: list[str], hostname: 
     signal.signal(signal.SIGINT, on_signal)
     next_beat = time.monotonic()
     if heart is not None:
-        heart.beat()  # registered before any process notes a task in its roster
+        # registered before any process notes a task in its roster
+        if not heart.register(lambda: stopping):
+            return 1
+        heart.beat()
         next_beat += heartbeat_interval
     for slot in range(1, concurrency + 1):
         spawn(slot)
