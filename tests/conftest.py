@@ -181,6 +181,21 @@ class CeleryWorker(Worker):
 AMQP_URL = os.environ.get("CELERIAC_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672//")
 
 
+def amqp_connection() -> Any:
+    """A connected py-amqp connection to the RabbitMQ of AMQP_URL (the test's own)."""
+    from urllib.parse import unquote, urlsplit
+
+    import amqp
+
+    url = urlsplit(AMQP_URL)
+    vhost = unquote(url.path[1:]) if len(url.path) > 1 else "/"
+    conn = amqp.Connection(f"{url.hostname}:{url.port or 5672}",
+                           userid=unquote(url.username or "guest"),
+                           password=unquote(url.password or "guest"), virtual_host=vhost)
+    conn.connect()
+    return conn
+
+
 @pytest.fixture
 def amqp_queue() -> Iterator[str]:
     """A RabbitMQ queue name of this test's own (deleted afterwards, with its exchange)."""
@@ -191,9 +206,7 @@ def amqp_queue() -> Iterator[str]:
     name = f"test-{uuid.uuid4().hex[:12]}"
 
     def connect() -> amqp.Connection:
-        conn = amqp.Connection("127.0.0.1:5672", userid="guest", password="guest")
-        conn.connect()
-        return conn
+        return amqp_connection()
 
     try:
         connect().close()

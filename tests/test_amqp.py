@@ -12,7 +12,7 @@ import pytest
 
 from celeriac import states
 
-from .conftest import AMQP_URL, CeleryWorker, Worker, write_module
+from .conftest import AMQP_URL, CeleryWorker, Worker, amqp_connection, write_module
 
 CELERIAC_TASKS = """
 import os, time
@@ -250,9 +250,7 @@ def test_rpc_results_cross_with_celery(project, env, workers):
     assert r.get(timeout=15) == 9
     assert [h["state"] for h in r.history][0] == "PENDING"
     assert "SUCCESS" in [h["state"] for h in r.history]
-    import amqp as pyamqp
-    conn = pyamqp.Connection("127.0.0.1:5672")
-    conn.connect()
+    conn = amqp_connection()
     conn.channel().queue_delete(q2)
     conn.close()
 
@@ -273,7 +271,30 @@ def test_priority_queues_declared_as_celery_declares_them(project, env, workers)
     assert [r.get(timeout=20) for r in rs] == [2 * i for i in range(20)]
 
 
-def test_worker_and_producer_survive_a_lost_connection(project, env, workers):
+@pytest.fixture
+def own_vhost(env, monkeypatch):
+    """A RabbitMQ virtual host of this test's own (deleted afterwards): what the test does
+    to its connections touches no one else's."""
+    import subprocess
+    import uuid
+
+    vhost = f"celeriac-test-{uuid.uuid4().hex[:8]}"
+
+    def ctl(*args: str) -> None:
+        out = subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True,
+                             timeout=60)
+        assert out.returncode == 0, out.stderr
+
+    ctl("add_vhost", vhost)
+    ctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+    url = AMQP_URL[:AMQP_URL.index("/", AMQP_URL.index("//") + 2)] + "/" + vhost
+    monkeypatch.setenv("TEST_AMQP_URL", url)
+    env["TEST_AMQP_URL"] = url
+    yield vhost
+    ctl("delete_vhost", vhost)
+
+
+def test_worker_and_producer_survive_a_lost_connection(project, env, own_vhost, workers):
     import subprocess
 
     tasks = _celeriac(project)
@@ -281,7 +302,8 @@ def test_worker_and_producer_survive_a_lost_connection(project, env, workers):
     workers.append(w)
     assert tasks.add.delay(1, 1).get(timeout=10) == 2
     rs = [tasks.sleepy.delay(0.05, i) for i in range(20)]
-    out = subprocess.run(["rabbitmqctl", "close_all_connections", "test: connection lost"],
+    out = subprocess.run(["rabbitmqctl", "close_all_connections", "--vhost", own_vhost,
+                          "test: connection lost"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     rs += [tasks.sleepy.delay(0.05, i) for i in range(20, 40)]  # the producer reconnects

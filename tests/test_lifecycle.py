@@ -12,7 +12,7 @@ import pytest
 from celeriac import states
 from celeriac.exceptions import MaxRetriesExceededError, Reject
 
-from .conftest import AMQP_URL, CeleryWorker, Worker, write_module
+from .conftest import AMQP_URL, CeleryWorker, Worker, amqp_connection, write_module
 
 TASKS = """
 import os
@@ -301,8 +301,7 @@ def test_rabbitmq_eta_waits_in_delay_queues_and_runs_once(project, amqp_queue, r
     sent = time.time()
     rs = [etasks.mark.apply_async((str(log), str(i)), countdown=5) for i in range(20)]
     w.wait_for_log("kept in the broker until then", count=20)
-    conn = amqp.Connection("127.0.0.1:5672", userid="guest", password="guest")
-    conn.connect()
+    conn = amqp_connection()
     parked = 0
     try:
         for n in range(4):

@@ -10,14 +10,13 @@ import sys
 import time
 import uuid
 
-import amqp
 import pytest
 import redis
 
 from celeriac.brokers.sqlite import _INSERT
 from celeriac.protocol import build_task_message, encode_envelope
 
-from .conftest import Worker, write_module
+from .conftest import Worker, amqp_connection, write_module
 
 TASKS = """
 import os
@@ -95,8 +94,7 @@ def _dead_letters(app, broker_env, queue: str) -> list[tuple[str, str]]:
     if url.startswith("redis"):
         return [(d["queue"], d["reason"]) for d in app.broker.dead_letters()
                 if d["queue"] == queue]
-    conn = amqp.Connection("127.0.0.1:5672", userid="guest", password="guest")
-    conn.connect()
+    conn = amqp_connection()
     try:
         channel = conn.channel()
         found, others = [], []

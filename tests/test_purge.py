@@ -14,7 +14,7 @@ import redis
 from celeriac import states
 from celeriac.brokers.redis import PRIORITY_STEPS, delayed_key, queue_key
 
-from .conftest import CELERIAC, Worker, write_module
+from .conftest import CELERIAC, Worker, amqp_connection, write_module
 from .test_poison import wait_until
 
 TASKS = """
@@ -40,8 +40,7 @@ def _parked(broker_env) -> int:
         return sum(client.zcard(delayed_key(queue_key(queue, p))) for p in PRIORITY_STEPS)
     if url.startswith("sqlite"):
         return 0
-    conn = amqp.Connection("127.0.0.1:5672", userid="guest", password="guest")
-    conn.connect()
+    conn = amqp_connection()
     count = 0
     try:
         for level in range(28):

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import Worker, write_module
+from .conftest import Worker, amqp_connection, write_module
 from .servers import PrivateRabbit, PrivateRedis
 
 TASKS = """
@@ -231,8 +231,7 @@ def test_rpc_reply_queue_outlives_its_connection_not_its_process(project, amqp_q
                                 env=env, capture_output=True, text=True, check=True,
                                 timeout=120).stdout.strip()
             for how in ("exits", "killed")}
-    conn = amqp.Connection("127.0.0.1:5672", userid="guest", password="guest")
-    conn.connect()
+    conn = amqp_connection()
     try:
         conn.channel().queue_declare(oids["killed"], passive=True)  # still there
         with pytest.raises(amqp.exceptions.NotFound):
