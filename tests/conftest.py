@@ -94,10 +94,16 @@ def workers() -> Iterator[list[Worker]]:
     """Workers started through this list are stopped (or killed) after the test."""
     started: list[Worker] = []
     yield started
+    hung = []
     for w in started:
         if w.proc.poll() is None:
-            with contextlib.suppress(AssertionError):
-                w.stop(timeout=15)
+            try:
+                w.stop(timeout=30)
+            except AssertionError as exc:  # killed; the test is failed for it below
+                hung.append(str(exc))
+    if hung:
+        pytest.fail("a worker did not stop on SIGTERM (warm shutdown hung):\n"
+                    + "\n".join(hung), pytrace=False)
 
 
 def wait_until(condition: Callable[[], T], *, timeout: float = 30.0, interval: float = 0.05,
