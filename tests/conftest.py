@@ -175,8 +175,10 @@ class CeleryWorker(Worker):
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         self.proc = subprocess.Popen(
+            # a node name of its own: Celery's remote-control queue is exclusive per name,
+            # so two Celery workers named alike (another test's, another run's) collide
             [sys.executable, "-m", "celery", "-A", app, "worker", "-P", pool, "-c", "1",
-             "-l", "INFO",
+             "-l", "INFO", "-n", f"celery-{os.getpid()}-{time.monotonic_ns()}@%h",
              "--without-heartbeat", "--without-mingle", "--without-gossip"],
             cwd=cwd, env=full_env, stdout=self._log, stderr=subprocess.STDOUT,
             start_new_session=True,
