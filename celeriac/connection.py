@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Sequence
 from functools import cache
 from typing import TypeVar
 
@@ -52,24 +52,43 @@ def lost(exc: BaseException) -> bool:
     return isinstance(exc, _connection_errors())
 
 
-async def until_connected(step: Callable[[], Awaitable[T]], what: str,
-                          stopping: asyncio.Event, pauses: Iterable[float] = PAUSES) -> T:
-    """Run ``step`` until it does not fail for a lost connection (other errors are
-    raised), pausing between attempts.  Once ``stopping`` is set the last error is
-    raised instead of waiting on."""
-    delays = list(pauses)
+def describe(error: BaseException) -> str:
+    """``Class: message``, the message cut to a few hundred characters (for logs)."""
+    text = str(error)
+    return f"{type(error).__name__}: {text if len(text) <= 300 else text[:300] + '...'}"
+
+
+async def retrying(step: Callable[[], Awaitable[T]], what: str, *,
+                   retry_if: Callable[[BaseException], bool] = lost,
+                   stopping: asyncio.Event | None = None,
+                   pauses: Sequence[float] = PAUSES) -> T:
+    """Run ``step`` until it succeeds.  An error ``retry_if`` accepts (by default a lost
+    connection) is logged and ``step`` run again after a pause: each of ``pauses`` in
+    turn, then the last one each time.  Any other error is raised, and so is the last
+    one once ``stopping`` is set (no more waiting then)."""
     attempt = 0
     while True:
         try:
             return await step()
         except Exception as exc:
-            if not lost(exc) or stopping.is_set():
+            if not retry_if(exc) or (stopping is not None and stopping.is_set()):
                 raise
-            pause = delays[min(attempt, len(delays) - 1)]
+            pause = pauses[min(attempt, len(pauses) - 1)]
             attempt += 1
-            log.warning("%s failed (%r): the server is away; retrying in %ss", what, exc, pause)
+            log.warning("%s failed (%s); retrying in %ss", what, describe(exc), pause)
+            if stopping is None:
+                await asyncio.sleep(pause)
+                continue
             waiter = asyncio.ensure_future(stopping.wait())
             try:
                 await asyncio.wait({waiter}, timeout=pause)
             finally:
                 waiter.cancel()
+
+
+async def until_connected(step: Callable[[], Awaitable[T]], what: str,
+                          stopping: asyncio.Event, pauses: Sequence[float] = PAUSES) -> T:
+    """Run ``step`` until it does not fail for a lost connection (other errors are
+    raised), pausing between attempts.  Once ``stopping`` is set the last error is
+    raised instead of waiting on."""
+    return await retrying(step, what, stopping=stopping, pauses=pauses)

@@ -412,6 +412,12 @@ def exception_to_dict(exc: BaseException) -> dict[str, Any]:
     }
 
 
+def stored_form(value: Any) -> Any:
+    """A result or meta as stored: an exception in Celery's JSON form, anything else
+    as it is."""
+    return exception_to_dict(value) if isinstance(value, BaseException) else value
+
+
 #: How many synthesized exception classes are kept (least recently used dropped first):
 #: a store naming many distinct classes cannot make a reader grow without bound.
 SYNTHESIZED_CACHE_SIZE = 256

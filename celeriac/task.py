@@ -289,7 +289,7 @@ class Task(Generic[P, R]):
             root_id=task_id, is_eager=True, called_directly=False, hostname=origin_name(),
             state_sink=sink, headers=dict(headers) if headers else None,
         )
-        from .protocol import exception_to_dict, result_meta
+        from .protocol import exception_to_dict, result_meta, stored_form
 
         history.append(history_entry(states.STARTED))
         outcome = execute_sync(self, request)
@@ -305,7 +305,7 @@ class Task(Generic[P, R]):
             outcome = execute_sync(self, request)
 
         value = outcome.value
-        stored = exception_to_dict(value) if isinstance(value, BaseException) else value
+        stored = stored_form(value)
         meta = result_meta(task_id, outcome.state, stored, traceback=outcome.traceback,
                            date_done=self.app.now().isoformat())
         history.append(history_entry(outcome.state,

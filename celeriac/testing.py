@@ -13,8 +13,8 @@ import threading
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
-from .worker.consumer import WorkerProcess
 from .worker.execution import TaskThread
+from .worker.process import WorkerProcess
 
 if TYPE_CHECKING:
     from .app import Celeriac

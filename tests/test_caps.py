@@ -12,8 +12,8 @@ import pytest
 from celeriac import Celery, control, states
 from celeriac.backends.base import Record, history_entry
 from celeriac.protocol import new_id
-from celeriac.worker.consumer import WorkerProcess
 from celeriac.worker.execution import TaskThread
+from celeriac.worker.process import WorkerProcess
 
 STORES = ["sqlite", "file", "memory", "redis"]
 

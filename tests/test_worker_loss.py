@@ -133,12 +133,12 @@ def test_a_task_that_succeeded_is_not_run_again_when_delivered_again(project, re
 BROKEN_WRITER = """
 import os
 from celeriac import Celery
-from celeriac.worker import consumer
+from celeriac.worker.writer import Writer
 
 app = Celery('brokenwriter', broker=os.environ['TEST_BROKER'])
 # what the dead process had fetched and not started comes back soon
 app.conf.broker_transport_options = {'visibility_timeout': 2}
-_real_write = consumer.Writer._write
+_real_write = Writer._write
 _batches = [0]
 
 
@@ -150,7 +150,7 @@ async def _write(self, records, acks, roster):  # a bug in the writer, injected 
     return await _real_write(self, records, acks, roster)
 
 
-consumer.Writer._write = _write
+Writer._write = _write
 
 
 @app.task

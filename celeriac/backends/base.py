@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import serialization, states
 from ..exceptions import CeleriacError, TimeoutError
-from ..protocol import RequestInfo, check_task_id, exception_to_dict, result_meta
+from ..protocol import RequestInfo, check_task_id, result_meta, stored_form
 
 if TYPE_CHECKING:
     from ..app import Celeriac
@@ -254,8 +254,7 @@ class Backend(ABC):
     ) -> Record:
         """Build the Celery meta and the history entry for setting ``state``."""
         check_task_id(task_id)
-        if isinstance(result, BaseException):
-            result = exception_to_dict(result)
+        result = stored_form(result)
         date_done = self.app.now().isoformat() if state in states.READY_STATES else None
         meta = result_meta(task_id, state, result, traceback=traceback, date_done=date_done,
                            request=request, extended=bool(self.app.conf.result_extended))

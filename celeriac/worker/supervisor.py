@@ -18,9 +18,9 @@ from ..backends.base import Roster
 from ..brokers.base import GivesBackLostNodes
 from ..conf import masked_url
 from ..exceptions import WorkerLostError
-from .consumer import run_process
 from .execution import ActiveSlots
 from .heartbeat import DEFAULT_INTERVAL, Heart, node_id, store_lost
+from .process import run_process
 
 if TYPE_CHECKING:
     from ..app import Celeriac
