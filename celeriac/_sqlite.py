@@ -110,6 +110,18 @@ def connect(path: str) -> sqlite3.Connection:
     return conn
 
 
+#: Held while a forked child replaces a reader it inherited (made anew in each child).
+_FORK_RESET = threading.Lock()
+
+
+def _new_fork_reset() -> None:
+    global _FORK_RESET
+    _FORK_RESET = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_fork_reset)
+
+
 class ThreadConnections:
     """Connections to one file: one per thread that writes (a transaction holds its
     connection from BEGIN to COMMIT), and one per process, behind a lock, that every
@@ -121,7 +133,7 @@ class ThreadConnections:
         self._schema = schema
         self._local = threading.local()
         self._reader: sqlite3.Connection | None = None
-        self._reader_pid = 0
+        self._reader_pid = os.getpid()
         self._reader_lock = threading.Lock()
 
     def get(self) -> sqlite3.Connection:
@@ -140,9 +152,12 @@ class ThreadConnections:
     def read(self, sql: str, params: tuple[Any, ...],
              fetch: Callable[[sqlite3.Cursor], T]) -> T:
         """Run a read-only statement on the process's reading connection."""
-        if self._reader_pid != os.getpid():  # none yet, or the parent's (its lock too)
-            self._reader_lock = threading.Lock()
-            self._reader, self._reader_pid = None, os.getpid()
+        pid = os.getpid()
+        if self._reader_pid != pid:  # a forked child: the parent's reader and lock
+            with _FORK_RESET:  # one thread replaces them, once
+                if self._reader_pid != pid:
+                    self._reader_lock = threading.Lock()
+                    self._reader, self._reader_pid = None, pid
         with self._reader_lock:
             if self._reader is None:
                 self._reader = self._open()

@@ -20,7 +20,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import states
@@ -41,6 +41,15 @@ REVOKES_EXPIRE = float(os.environ.get("CELERY_WORKER_REVOKE_EXPIRES") or 10800)
 REVOKES_MAX = max(1, int(os.environ.get("CELERY_WORKER_REVOKES_MAX") or 50000))
 #: REVOKED states written per batch.
 CHUNK = 1000
+
+
+def add_revoked(revoked: dict[str, float], task_ids: Iterable[str], until: float) -> None:
+    """Note ``task_ids`` as revoked until ``until`` in ``revoked``, newest last (so the
+    bound forgets the oldest), and keep it within REVOKES_MAX."""
+    for task_id in task_ids:
+        revoked.pop(task_id, None)
+        revoked[task_id] = until
+    bound_revoked(revoked)
 
 
 def bound_revoked(revoked: dict[str, float]) -> None:

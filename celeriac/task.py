@@ -151,7 +151,7 @@ def warn_unsupported_options(options: dict[str, Any]) -> None:
     silently: Celery's options celeriac does not implement, and misspelt ones (with
     the nearest right name)."""
     for key in options:
-        if key in SEND_OPTIONS:
+        if key in _SEND_PARAMETERS:  # implemented (apply() gets them as options too)
             continue
         why = UNSUPPORTED_SEND_OPTIONS.get(key)
         if why is not None:
@@ -276,8 +276,7 @@ class Task(Generic[P, R]):
               headers: dict[str, Any] | None = None, **options: Any) -> EagerResult[R]:
         """Run the task here and now; the outcome is kept in the returned result only."""
         if options:
-            warn_unsupported_options(
-                {k: v for k, v in options.items() if k not in _SEND_PARAMETERS})
+            warn_unsupported_options(options)
         task_id = task_id or new_id()
         history = [history_entry(states.PENDING, hostname=origin_name())]
 
@@ -427,6 +426,9 @@ def _ran(task: Task[Any, Any], request: Request, outcome: Outcome) -> Outcome:
     context), in Celery's order: task_success, task_failure or task_retry, then
     task_postrun.  A run the worker stopped (hard time limit, terminate) gets its
     signals from the worker instead, as only the worker knows how it ended."""
+    if not (task_success.receivers or task_failure.receivers or task_retry.receivers
+            or task_postrun.receivers):
+        return outcome
     state, value = outcome.state, outcome.value
     if isinstance(value, TimeLimitExceeded | TaskRevokedError):
         return outcome

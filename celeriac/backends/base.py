@@ -106,7 +106,9 @@ class Backend(ABC):
         self.serializer = conf.result_serializer
         accept = conf.result_accept_content or conf.accept_content
         self.accept = serialization.accepted_content_types(accept)
-        self.content_type = serialization.get_serializer(self.serializer).content_type
+        serializer = serialization.get_serializer(self.serializer)
+        self.content_type = serializer.content_type
+        self.content_encoding = serializer.content_encoding
         expires = conf.result_expires
         #: ``result_expires`` in seconds; 0 when results do not expire
         self.expires_seconds = float(

@@ -31,7 +31,7 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .. import serialization, states
-from ..control import bound_revoked
+from ..control import add_revoked
 from ..exceptions import DecodeError, ImproperlyConfigured, UnsafeTaskId
 from ..protocol import check_task_id
 from .base import Backend, Record, RecordsRefused, Roster
@@ -187,10 +187,7 @@ class FileBackend(Backend):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             kept = self.revoked()
-            for task_id in task_ids:  # newest last
-                kept.pop(task_id, None)
-                kept[task_id] = until
-            bound_revoked(kept)
+            add_revoked(kept, task_ids, until)
             self._replace(path, "".join(f"{t} {u}\n" for t, u in kept.items()).encode())
         finally:
             os.close(fd)

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from .. import states
-from ..control import bound_revoked
+from ..control import add_revoked
 from ..protocol import check_task_id
 from .base import Backend, Record, Roster
 
@@ -67,10 +67,7 @@ class MemoryBackend(Backend):
 
     def add_revoked(self, task_ids: Sequence[str], until: float) -> None:
         with self._mem.cond:
-            for task_id in task_ids:  # newest last
-                self._mem.revoked.pop(task_id, None)
-                self._mem.revoked[task_id] = until
-            bound_revoked(self._mem.revoked)
+            add_revoked(self._mem.revoked, task_ids, until)
 
     def revoked(self) -> dict[str, float]:
         now = time.time()

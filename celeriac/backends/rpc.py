@@ -161,6 +161,11 @@ class RPCBackend(Backend):
                 self._reset()
                 time.sleep(min(timeout, RECONNECT_EVERY))
                 return
+            except Exception:
+                # anything else (a channel error while RabbitMQ starts, ...): raised, and
+                # the connection it left in an unknown state is not reused
+                self._reset()
+                raise
             if self._lost_at:
                 log.info("rpc:// results: connected to RabbitMQ again")
                 self._lost_at = 0.0
@@ -326,7 +331,7 @@ class RPCBackend(Backend):
         applied = []
         outgoing: list[tuple[amqp.Message, str]] = []
         taken: dict[str, list[dict[str, Any]]] = {}  # history entries the batch carries
-        encoding = serialization.get_serializer(self.serializer).content_encoding
+        encoding = self.content_encoding
         with self._lock:
             for r in records:
                 if r.state is None:

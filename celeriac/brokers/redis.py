@@ -500,10 +500,7 @@ class RedisConsumer(Consumer):
         key = queue_key(message.queue, message.properties.get("priority"))
         async with self._client.pipeline(transaction=True) as pipe:
             pipe.zadd(delayed_key(key), {message.raw: due})
-            pipe.zrem(UNACKED_INDEX, tag)
-            pipe.hdel(UNACKED, tag)
-            if self.node:
-                pipe.hdel(UNACKED_NODE, tag)
+            self._forget(pipe, [tag])
             await pipe.execute()
         self._held.pop(tag, None)
         self._next_due = min(self._next_due, due)
@@ -564,10 +561,7 @@ class RedisConsumer(Consumer):
         async with client.pipeline(transaction=False) as pipe:  # one round trip for all
             skip = backend.queue_records(pipe, records, roster)
             if tags:
-                pipe.zrem(UNACKED_INDEX, *tags)
-                pipe.hdel(UNACKED, *tags)
-                if self.node:
-                    pipe.hdel(UNACKED_NODE, *tags)
+                self._forget(pipe, tags)
             try:
                 backend.applied(records, await pipe.execute(raise_on_error=False), skip)
             except redis.exceptions.NoScriptError:
@@ -576,16 +570,21 @@ class RedisConsumer(Consumer):
         for t in tags:
             self._held.pop(t, None)
 
+    def _forget(self, pipe: Any, tags: Sequence[str]) -> None:
+        """Queue on ``pipe`` what drops these deliveries from kombu's unacked hash and
+        index, and from the owner nodes' hash."""
+        pipe.zrem(UNACKED_INDEX, *tags)
+        pipe.hdel(UNACKED, *tags)
+        if self.node:
+            pipe.hdel(UNACKED_NODE, *tags)
+
     async def ack(self, messages: Sequence[Message]) -> None:
         tags = [m.tag for m in messages if m.tag]
         if not tags:
             return
         assert self._client is not None
         async with self._client.pipeline(transaction=False) as pipe:
-            pipe.zrem(UNACKED_INDEX, *tags)
-            pipe.hdel(UNACKED, *tags)
-            if self.node:
-                pipe.hdel(UNACKED_NODE, *tags)
+            self._forget(pipe, tags)
             await pipe.execute()
         for t in tags:
             self._held.pop(t, None)
@@ -596,9 +595,7 @@ class RedisConsumer(Consumer):
         if requeue:  # back to the front: it is the next one taken
             async with client.pipeline(transaction=True) as pipe:
                 if message.tag:
-                    pipe.zrem(UNACKED_INDEX, message.tag)
-                    pipe.hdel(UNACKED, message.tag)
-                    pipe.hdel(UNACKED_NODE, message.tag)
+                    self._forget(pipe, [message.tag])
                 payload = json.dumps(_restored(json.loads(raw)))
                 pipe.rpush(queue_key(message.queue, message.properties.get("priority")), payload)
                 await pipe.execute()

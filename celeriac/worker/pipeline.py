@@ -171,7 +171,7 @@ class Pipeline:
         self.time_limits = time_limits
         #: the asyncio tasks handling runs that have started (never cancelled at
         #: shutdown: their message may be acked already)
-        self.started: set[asyncio.Task[None]] = set()
+        self.started: dict[asyncio.Task[Any], TaskRun] = {}
         self._malformed = implementing(hooks, "malformed")
         self._unknown = implementing(hooks, "unknown")
         self._discard = implementing(hooks, "discard")
@@ -197,8 +197,8 @@ class Pipeline:
                 # the broker or store went away: never the task's fault.  The message goes
                 # back to its queue once the broker answers (unless it was acked when its
                 # task started: that task's outcome is queued in the writer already).
-                me = asyncio.current_task()
-                if me in self.started and not _acks_late(self.app, message, process.accept):
+                run = self.started.get(asyncio.current_task())  # type: ignore[arg-type]
+                if run is not None and not run.acks_late:
                     log.warning("lost the connection after task %s started (%r); its "
                                 "outcome is written once the server is back",
                                 task_id_of(message), exc)
@@ -294,11 +294,14 @@ class Pipeline:
     def _start(self, run: TaskRun) -> None:
         me = asyncio.current_task()
         if me is not None:
-            self.started.add(me)
-            me.add_done_callback(self.started.discard)
+            self.started[me] = run
+            me.add_done_callback(self._ended)
         run.started = True
         for started in self._started:
             started(run)
+
+    def _ended(self, task: asyncio.Task[Any]) -> None:
+        self.started.pop(task, None)
 
     async def set_aside(self, message: Message, reason: str, exc: BaseException,
                         task_id: str | None = None) -> None:
@@ -311,8 +314,7 @@ class Pipeline:
             record = self.app.backend.prepare_record(
                 task_id, states.FAILURE, exc, hostname=process.hostname,
                 entry_meta=stored_form(exc))
-            process.writer.record(record)
-            await process.writer.written()
+            await self._write(record)
         await connection.until_connected(
             partial(process.consumer.reject, message, requeue=False, reason=reason),
             f"setting message {task_id or '(no usable id)'} aside", process.stopping)
@@ -355,13 +357,4 @@ class Pipeline:
     async def _write(self, record: Record) -> None:
         self.process.writer.record(record)
         await self.process.writer.written()
-
-
-def _acks_late(app: Celeriac, message: Message, accept: Any) -> bool:
-    """Whether the message's task acks late (False when that cannot be told)."""
-    try:
-        task = app.tasks.get(parse_task_message(message, accept).name)
-    except Exception:
-        return False
-    return task is not None and bool(task._option("acks_late"))
 

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from ..control import REVOKES_EXPIRE, bound_revoked
+from ..control import REVOKES_EXPIRE, add_revoked, bound_revoked
 from ..serialization import accepted_content_types
 from ..signals import worker_process_init, worker_process_shutdown
 from .execution import ActiveSlots, TaskThread
@@ -227,10 +227,7 @@ class WorkerProcess:
         ids = arguments.get("task_id") or []
         ids = [ids] if isinstance(ids, str) else [str(i) for i in ids]
         until = time.time() + REVOKES_EXPIRE
-        for task_id in ids:
-            self.revoked.pop(task_id, None)  # newest last: the bound forgets the oldest
-            self.revoked[task_id] = until
-        bound_revoked(self.revoked)
+        add_revoked(self.revoked, ids, until)
         log.info("Tasks flagged as revoked: %s", ", ".join(ids))
         if arguments.get("terminate"):
             self.revocation.terminate(ids, signal_number(arguments.get("signal")))
